@@ -1,0 +1,356 @@
+"""Configuration: one TOML file plus ``EDGE_VOICE_<SECTION>__<KEY>`` environment overrides.
+
+Every section is a frozen dataclass; each field documents itself (``doc``) and may carry a
+range or a set of choices. The loader rejects unknown keys and bad values with one line that
+names the file, the key and why, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, get_args, get_origin, get_type_hints
+
+from edge.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (JetPack 6)
+    import tomli as tomllib
+
+ENV_PREFIX = "EDGE_VOICE_"
+DEVICE_ID_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
+
+
+def opt(default: Any, doc: str, *, choices: tuple | None = None, min: float | None = None,
+        max: float | None = None, secret: bool = False) -> Any:
+    """A config field with its documentation and constraints."""
+    meta = {"doc": doc, "choices": choices, "min": min, "max": max, "secret": secret}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _default_device_id() -> str:
+    name = re.sub(r"[^a-z0-9_-]", "-", socket.gethostname().lower())[:64].strip("-")
+    return name or "edge"
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    id: str = opt("", "Device id used in MQTT topics and logs; [a-z0-9_-]. Default: the host name.")
+    state_dir: str = opt("", "Directory for models and the MQTT outbox. Default: $EDGE_VOICE_STATE_DIR, "
+                         "systemd's $STATE_DIRECTORY, /var/lib/edge-voice as root, else ~/.local/state/edge-voice.")
+    models_dir: str = opt("", "Installed models. Default: <state_dir>/models.")
+
+    @property
+    def device_id(self) -> str:
+        return self.id or _default_device_id()
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    input_device: str = opt("", "Capture device: a PortAudio index or part of its name; empty for the default.")
+    output_device: str = opt("", "Playback device: a PortAudio index or part of its name; empty for the default.")
+    input_rate: int = opt(0, "Capture rate to ask the device for; 0 tries 16000 then the device's own rate.",
+                          min=0, max=192000)
+    chunk_ms: int = opt(20, "Audio chunk length inside the pipeline.", choices=(10, 20, 40))
+    queue_chunks: int = opt(100, "Capture queue length in chunks; when full the oldest chunk is dropped and counted.",
+                            min=4, max=10000)
+    preroll_ms: int = opt(800, "Audio kept from before the wake word fired, fed to speech-to-text.",
+                          min=0, max=3000)
+    volume: float = opt(1.0, "Playback gain, 0 to 1.", min=0.0, max=1.0)
+    reopen_backoff_max_s: float = opt(30.0, "Longest wait between attempts to reopen a lost device.",
+                                      min=1.0, max=600.0)
+
+
+@dataclass(frozen=True)
+class WakeWord:
+    name: str = opt("", "Name reported in the wake event.")
+    model: str = opt("", "Word model: a file name inside the wake model's directory, or a path to a custom "
+                     "openWakeWord-format ONNX model.")
+    threshold: float = opt(0.5, "Score (0..1) at which the word fires.", min=0.0, max=1.0)
+    refractory_s: float = opt(2.0, "After firing, ignore this word for this long.", min=0.0, max=60.0)
+
+
+@dataclass(frozen=True)
+class WakeConfig:
+    engine: str = opt("openwakeword", "Wake engine.", choices=("openwakeword", "kws", "none"))
+    model: str = opt("openwakeword", "Model id (manifest) with the feature models, or with the keyword spotter.")
+    words: list = opt([{"name": "hey_jarvis", "model": "hey_jarvis_v0.1.onnx", "threshold": 0.5,
+                        "refractory_s": 2.0}], "Wake words for openwakeword: a list of tables (see WakeWord).")
+    keywords: list = opt([], "Keywords for the kws engine, as the model's tokens (e.g. '▁HE Y ▁J AR VI S @HEY_JARVIS').")
+    kws_threshold: float = opt(0.25, "Keyword spotter trigger threshold.", min=0.0, max=1.0)
+    kws_score: float = opt(1.0, "Keyword spotter boosting score.", min=0.0, max=10.0)
+    num_threads: int = opt(1, "Threads for the wake model.", min=1, max=8)
+
+    def word_list(self) -> list[WakeWord]:
+        return [build_section(WakeWord, w, f"wake.words[{i}]") for i, w in enumerate(self.words)]
+
+
+@dataclass(frozen=True)
+class SttConfig:
+    engine: str = opt("streaming", "streaming: sherpa-onnx OnlineRecognizer; vad-offline: silero VAD + OfflineRecognizer.",
+                      choices=("streaming", "vad-offline"))
+    model: str = opt("", "Speech-to-text model id.")
+    vad_model: str = opt("silero-vad", "VAD model id (vad-offline engine).")
+    num_threads: int = opt(1, "Threads for speech-to-text.", min=1, max=8)
+    endpoint_silence_s: float = opt(0.8, "Silence after speech that ends the question.", min=0.1, max=5.0)
+    no_speech_timeout_s: float = opt(6.0, "After the wake word, give up if no speech starts within this.",
+                                     min=0.5, max=60.0)
+    max_utterance_s: float = opt(15.0, "Longest question; it is cut here.", min=1.0, max=60.0)
+    partial_interval_s: float = opt(0.3, "How often partial transcripts are produced.", min=0.05, max=5.0)
+    vad_threshold: float = opt(0.5, "Silero VAD speech probability threshold.", min=0.05, max=0.95)
+    decoding_method: str = opt("greedy_search", "Decoding for transducer models.",
+                               choices=("greedy_search", "modified_beam_search"))
+
+
+@dataclass(frozen=True)
+class LlmConfig:
+    model: str = opt("", "LLM model id (a GGUF).")
+    system_prompt: str = opt(
+        "You are a helpful voice assistant in a public kiosk. Answer in one or two short spoken "
+        "sentences. No lists, no markdown.", "System prompt; commands cannot change it.")
+    chat_template: str = opt("auto", "auto: the GGUF's own template, else Phi-3's; phi3: always Phi-3's.",
+                             choices=("auto", "phi3"))
+    n_ctx: int = opt(2048, "Context window in tokens.", min=256, max=131072)
+    n_threads: int = opt(0, "Generation threads; 0 = all cores.", min=0, max=64)
+    n_threads_batch: int = opt(0, "Prompt-processing threads; 0 = same as n_threads.", min=0, max=64)
+    n_batch: int = opt(256, "Prompt batch size.", min=8, max=4096)
+    n_gpu_layers: int = opt(0, "Layers offloaded to the GPU (Jetson); -1 for all.", min=-1, max=1000)
+    use_mmap: bool = opt(False, "Map the model file instead of reading it into memory.")
+    flash_attn: bool = opt(False, "Use flash attention.")
+    kv_type: str = opt("f16", "KV cache type.", choices=("f16", "q8_0", "q4_0"))
+    max_tokens: int = opt(96, "Longest reply in tokens.", min=1, max=4096)
+    reply_timeout_s: float = opt(20.0, "Stop generating after this many seconds.", min=1.0, max=600.0)
+    temperature: float = opt(0.3, "Sampling temperature; 0 is greedy.", min=0.0, max=2.0)
+    top_p: float = opt(0.9, "Nucleus sampling.", min=0.0, max=1.0)
+    seed: int = opt(-1, "Sampling seed; -1 for random.")
+    memory_tokens: int = opt(768, "Conversation memory per session, in tokens; oldest turns drop first.",
+                             min=0, max=65536)
+    session_idle_s: float = opt(120.0, "Forget the conversation after this long without a turn.",
+                                min=0.0, max=86400.0)
+    fallback_reply: str = opt("Sorry, I have no answer to that.", "Spoken when the model produces nothing.")
+
+
+@dataclass(frozen=True)
+class TtsConfig:
+    model: str = opt("", "Text-to-speech voice model id.")
+    speaker_id: int = opt(0, "Speaker id for multi-speaker voices.", min=0, max=10000)
+    speed: float = opt(1.0, "Speaking rate.", min=0.5, max=2.0)
+    num_threads: int = opt(1, "Threads for text-to-speech.", min=1, max=8)
+    first_clause_min_words: int = opt(4, "Speak the first clause as soon as it has this many words and a "
+                                      "clause break.", min=1, max=50)
+
+
+@dataclass(frozen=True)
+class ConversationConfig:
+    mode: str = opt("wake", "wake: the wake word starts a turn; push-to-talk: only a command or button; "
+                    "handset: off-hook starts a session.", choices=("wake", "push-to-talk", "handset"))
+    barge_in: str = opt("wake", "What interrupts the device while it thinks or speaks.",
+                        choices=("wake", "none"))
+    follow_up_s: float = opt(0.0, "After a reply, listen this long for a follow-up without the wake word.",
+                             min=0.0, max=60.0)
+    greeting: str = opt("Hello, how can I help?", "Spoken when a handset is lifted.")
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    enabled: bool = opt(False, "Connect to an MQTT broker.")
+    host: str = opt("localhost", "Broker host name.")
+    port: int = opt(1883, "Broker port.", min=1, max=65535)
+    prefix: str = opt("edge", "Topic prefix.")
+    device_id: str = opt("", "Device id in topics; [a-z0-9_-]. Default: device.id, else the host name.")
+    client_id: str = opt("", "MQTT client id; default edge-voice-<device id>.")
+    protocol: str = opt("5", "MQTT protocol version.", choices=("5", "3.1.1"))
+    keepalive_s: int = opt(30, "Keep-alive interval.", min=5, max=3600)
+    username: str = opt("", "User name.")
+    password: str = opt("", "Password (prefer password_file or EDGE_VOICE_MQTT__PASSWORD).", secret=True)
+    password_file: str = opt("", "File holding the password (e.g. a systemd credential).")
+    tls: bool = opt(False, "Use TLS.")
+    ca_file: str = opt("", "CA certificate for the broker.")
+    cert_file: str = opt("", "Client certificate (mutual TLS).")
+    key_file: str = opt("", "Client key (mutual TLS).")
+    outbox_max: int = opt(10000, "Events kept on disk while the broker is away; oldest dropped first.",
+                          min=10, max=10_000_000)
+    metrics_interval_s: float = opt(60.0, "Seconds between metrics messages.", min=1.0, max=86400.0)
+    ha_discovery: bool = opt(False, "Publish Home Assistant discovery config.")
+    ha_prefix: str = opt("homeassistant", "Home Assistant discovery prefix.")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = opt("info", "Log level.", choices=("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class Config:
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    wake: WakeConfig = field(default_factory=WakeConfig)
+    stt: SttConfig = field(default_factory=SttConfig)
+    llm: LlmConfig = field(default_factory=LlmConfig)
+    tts: TtsConfig = field(default_factory=TtsConfig)
+    conversation: ConversationConfig = field(default_factory=ConversationConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: str = field(default="<defaults>", compare=False)
+
+    @property
+    def state_dir(self) -> Path:
+        from edge import paths
+
+        return Path(self.device.state_dir) if self.device.state_dir else paths.state_dir()
+
+    @property
+    def models_dir(self) -> Path:
+        from edge import paths
+
+        if self.device.models_dir:
+            return Path(self.device.models_dir)
+        if self.device.state_dir:
+            return Path(self.device.state_dir) / "models"
+        return paths.models_dir()
+
+    @property
+    def device_id(self) -> str:
+        return self.mqtt.device_id or self.device.device_id
+
+    def model_ids(self) -> dict[str, str]:
+        """The model ids this config needs, by role."""
+        ids = {}
+        if self.wake.engine != "none":
+            ids["wake"] = self.wake.model
+        ids["stt"] = self.stt.model
+        if self.stt.engine == "vad-offline":
+            ids["vad"] = self.stt.vad_model
+        ids["llm"] = self.llm.model
+        ids["tts"] = self.tts.model
+        return {k: v for k, v in ids.items() if v}
+
+
+SECTIONS: dict[str, type] = {k: v for k, v in get_type_hints(Config).items() if k != "source"}
+
+
+class _Where:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def error(self, key: str, why: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {key}: {why}")
+
+
+def _coerce(value: Any, typ: Any, key: str, meta: Mapping[str, Any], where: _Where) -> Any:
+    origin = get_origin(typ) or typ
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise where.error(key, f"expected true or false, got {value!r}")
+    elif typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise where.error(key, f"expected an integer, got {value!r}")
+    elif typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise where.error(key, f"expected a number, got {value!r}")
+        value = float(value)
+    elif typ is str:
+        if not isinstance(value, str):
+            raise where.error(key, f"expected a string, got {value!r}")
+    elif origin is list:
+        if not isinstance(value, list):
+            raise where.error(key, f"expected a list, got {value!r}")
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise where.error(key, f"{value!r} is not one of {', '.join(map(str, choices))}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo:
+        raise where.error(key, f"{value!r} is below the minimum {lo}")
+    if hi is not None and value > hi:
+        raise where.error(key, f"{value!r} is above the maximum {hi}")
+    return value
+
+
+def build_section(cls: type, table: Any, name: str, source: str = "config") -> Any:
+    where = _Where(source)
+    if not isinstance(table, dict):
+        raise where.error(name, "expected a table")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise where.error(f"{name}.{unknown[0]}", f"unknown key (known: {', '.join(sorted(fields))})")
+    values = {k: _coerce(v, hints[k], f"{name}.{k}", fields[k].metadata, where) for k, v in table.items()}
+    return cls(**values)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """``EDGE_VOICE_LLM__N_CTX=4096`` → ``{"llm": {"n_ctx": 4096}}``; values parse as TOML."""
+    out: dict[str, dict[str, Any]] = {}
+    names = []
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw  # a bare word is a string
+        out.setdefault(section, {})[key] = value
+        names.append(name)
+    return out, names
+
+
+def load_config(path: str | os.PathLike | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, merge environment overrides, validate. Raises ConfigError naming the problem."""
+    environ = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: config file not found", code="config.missing") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{p}: cannot read config file: {err}", code="config.unreadable") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{p}: not valid TOML: {err}") from None
+    overrides, _ = _env_overrides(environ)
+    for section, values in overrides.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"environment: {ENV_PREFIX}{section.upper()}__...: unknown section "
+                              f"(known: {', '.join(SECTIONS)})")
+        current = data.setdefault(section, {})
+        if not isinstance(current, dict):
+            raise ConfigError(f"{source}: {section}: expected a table")
+        current.update(values)
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{source}: {unknown[0]}: unknown section (known: {', '.join(SECTIONS)})")
+    sections = {name: build_section(cls, data.get(name, {}), name, source) for name, cls in SECTIONS.items()}
+    cfg = Config(**sections, source=source)
+    for key, value in (("device.id", cfg.device.id), ("mqtt.device_id", cfg.mqtt.device_id)):
+        if value and not DEVICE_ID_RE.match(value):
+            raise ConfigError(f"{source}: {key}: {value!r} must be 1-64 characters of a-z, 0-9, _ and -")
+    cfg.wake.word_list()  # validate the nested tables now, not at start-up of the wake stage
+    return cfg
+
+
+def redacted(cfg: Config) -> dict[str, Any]:
+    """The config as a dict with secrets replaced, for logs and ``check``."""
+    out: dict[str, Any] = {}
+    for name in SECTIONS:
+        section = getattr(cfg, name)
+        values = {}
+        for f in dataclasses.fields(section):
+            v = getattr(section, f.name)
+            values[f.name] = "***" if f.metadata.get("secret") and v else v
+        out[name] = values
+    return out
