@@ -1,0 +1,156 @@
+"""Speech-to-text: the ``Recognizer`` stage interface, its updates, and the factory.
+
+Two sherpa-onnx engines sit behind one interface:
+
+- ``streaming`` (:mod:`edge.stt_streaming`): ``OnlineRecognizer`` with a streaming transducer,
+  Paraformer or NeMo CTC model; partials come from the running decode, the endpoint from
+  sherpa-onnx's trailing-silence rules.
+- ``vad-offline`` (:mod:`edge.stt_vad`): silero VAD cuts the speech, an ``OfflineRecognizer``
+  (Whisper, Moonshine, SenseVoice) decodes it; partials re-decode the growing segment.
+
+A recognizer is used from one worker thread: ``start`` (with pre-roll), ``accept`` per chunk,
+maybe ``finish``; after a ``final`` it ignores audio until the next ``start``. Times in updates
+are seconds on the audio timeline of the chunks fed (``AudioChunk.start``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Protocol
+
+from edge.audio.chunk import SAMPLE_RATE, AudioChunk
+from edge.errors import AudioError, ConfigError, MissingDependency, StageError
+
+if TYPE_CHECKING:
+    from edge.config import SttConfig
+
+SPEECH_START = "speech_start"
+PARTIAL = "partial"
+FINAL = "final"
+
+
+@dataclass(frozen=True)
+class SttUpdate:
+    kind: str  # "speech_start" | "partial" | "final"
+    text: str  # "" for speech_start
+    # Seconds on the audio timeline: speech_start → when speech began; partial → end of the
+    # audio decoded so far; final → when the endpoint fired (or the audio ended, on finish()).
+    audio_time: float
+    speech_end: float | None = None  # final only: when the speech itself ended
+    # Wall seconds the recognizer spent decoding in the call that produced this update.
+    decode_s: float = 0.0
+
+
+class Recognizer(Protocol):
+    sample_rate: int
+
+    def start(self, preroll: list[AudioChunk]) -> None:
+        """Begin a new utterance (any previous state is dropped) and feed the pre-roll."""
+
+    def accept(self, chunk: AudioChunk) -> list[SttUpdate]:
+        """Feed one 16 kHz chunk; return what it produced (usually nothing)."""
+
+    def finish(self) -> SttUpdate | None:
+        """Force the end (timeout, push-to-talk release): the final, or None if nothing was said."""
+
+    def close(self) -> None:
+        """Free the models; the recognizer cannot be used afterwards."""
+
+
+def make_recognizer(cfg: SttConfig, model_dir_files: Mapping[str, Path],
+                    vad_files: Mapping[str, Path] | None = None, *,
+                    model_type: str | None = None) -> Recognizer:
+    """Build the recognizer ``cfg.engine`` names from installed model files.
+
+    ``model_dir_files`` (and ``vad_files``) map the model's file names to installed paths. The
+    model kind is read from the file names and ONNX metadata unless ``model_type`` names it
+    (transducer, paraformer, nemo_ctc, whisper, moonshine, sense_voice). Every file is checked
+    before sherpa-onnx sees it; a bad one raises ModelError naming the file and what is wrong.
+    """
+    from edge.stt_models import identify_stt_model, identify_vad_model
+
+    model = identify_stt_model(model_dir_files, model_type)
+    if cfg.engine == "streaming":
+        if not model.streaming:
+            raise ConfigError(f"stt.engine is 'streaming' but stt.model {cfg.model or '?'!r} is an "
+                              f"offline {model.kind} model: set stt.engine = \"vad-offline\" or pick "
+                              "a streaming model")
+        from edge.stt_streaming import StreamingRecognizer
+
+        return StreamingRecognizer(cfg, model)
+    if model.streaming:
+        raise ConfigError(f"stt.engine is 'vad-offline' but stt.model {cfg.model or '?'!r} is a "
+                          f"streaming {model.kind} model: set stt.engine = \"streaming\" or pick an "
+                          "offline model (Whisper, Moonshine, SenseVoice)")
+    if not vad_files:
+        raise ConfigError("stt.engine 'vad-offline' needs a VAD model: set stt.vad_model "
+                          "(e.g. \"silero-vad\") and install it with `edge-voice models`")
+    vad_path = identify_vad_model(vad_files)
+    from edge.stt_vad import VadOfflineRecognizer
+
+    return VadOfflineRecognizer(cfg, model, vad_path)
+
+
+def import_sherpa() -> Any:
+    try:
+        import sherpa_onnx
+    except ImportError:
+        raise MissingDependency.for_module("sherpa_onnx", "stt") from None
+    return sherpa_onnx
+
+
+def check_chunk(chunk: AudioChunk) -> None:
+    if chunk.rate != SAMPLE_RATE:
+        raise AudioError(f"speech-to-text takes {SAMPLE_RATE} Hz chunks, got {chunk.rate} Hz: "
+                         "resample before the recognizer")
+
+
+def closed_error() -> StageError:
+    return StageError("speech-to-text recognizer used after close()", code="stt.closed")
+
+
+class Timeline:
+    """Maps a position in the samples fed to a recognizer to the audio timeline.
+
+    Chunks normally follow each other, but capture drops the oldest chunk when its queue is
+    full, so a gap can open; each discontinuity is recorded as a breakpoint.
+    """
+
+    def __init__(self, rate: int = SAMPLE_RATE) -> None:
+        self.rate = rate
+        self._fed: list[int] = []  # positions in the fed samples where a run begins
+        self._at: list[int] = []  # the timeline sample of each run's first sample
+        self.fed = 0  # samples fed so far
+
+    def push(self, chunk: AudioChunk) -> None:
+        expected = self._at[-1] + (self.fed - self._fed[-1]) if self._fed else None
+        if chunk.start != expected:
+            self._fed.append(self.fed)
+            self._at.append(chunk.start)
+        self.fed += len(chunk)
+
+    def seconds(self, fed_pos: int) -> float:
+        """Timeline seconds of fed sample ``fed_pos`` (clamped to what was fed)."""
+        if not self._fed:
+            return 0.0
+        pos = min(max(fed_pos, 0), self.fed)
+        i = max(bisect.bisect_right(self._fed, pos) - 1, 0)
+        return (self._at[i] + pos - self._fed[i]) / self.rate
+
+    @property
+    def end_s(self) -> float:
+        return self.seconds(self.fed)
+
+
+# Whisper writes sound descriptions for non-speech: "[ Silence ]", "(wind howling)", "*cough*".
+_NON_SPEECH = re.compile(r"\[[^\]]*\]|\([^)]*\)|\*[^*]*\*|♪+")
+
+
+def clean_transcript(text: str) -> str:
+    """The spoken words of a transcript: sound annotations removed, spaces tidied; "" if none."""
+    text = _NON_SPEECH.sub(" ", text)
+    text = " ".join(text.split())
+    return text if any(c.isalnum() for c in text) else ""

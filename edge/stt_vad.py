@@ -1,0 +1,249 @@
+"""VAD + offline speech-to-text: silero VAD (sherpa-onnx) segments, an OfflineRecognizer decodes.
+
+The VAD sees every chunk (one silero window per 32 ms, a fraction of a percent of a core).
+While it reports speech, the growing segment is re-decoded every ``partial_interval_s`` of
+audio for partials — never more often than twice the last decode's wall time, so a slow
+device drops partials instead of falling behind. When the VAD has heard ``endpoint_silence_s``
+of silence it closes the segment and the whole segment is decoded once more for the final.
+
+The segment handed to the model starts ``LEAD_S`` before the VAD's speech start: Whisper drops
+a first word that begins with no leading silence.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edge.audio.chunk import SAMPLE_RATE, AudioChunk
+from edge.errors import ModelError
+from edge.stt import (FINAL, PARTIAL, SPEECH_START, SttUpdate, Timeline, check_chunk,
+                      clean_transcript, closed_error, import_sherpa)
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from edge.config import SttConfig
+    from edge.stt_models import SttModel
+
+_LOGGER = logging.getLogger(__name__)
+
+LEAD_S = 0.3  # audio kept before the VAD's speech start
+TAIL_S = 0.25  # audio kept after the VAD's speech end
+VAD_WINDOW = 512  # silero v5 at 16 kHz takes exactly this
+MIN_SPEECH_S = 0.25  # shorter bursts (clicks, knocks) do not start speech
+WHISPER_MAX_S = 29.0  # Whisper sees at most 30 s of audio
+WHISPER_FRAMES = 3000  # its 30 s window in 10 ms feature frames
+PARTIAL_LOAD = 2.0  # wait at least this many times the last decode's wall time between partials
+# Audio kept while no speech has started: the lead plus the VAD's own look-back
+# (2 windows + MIN_SPEECH_S), with margin.
+IDLE_KEEP_S = 2.0
+
+
+def build_offline_recognizer(cfg: SttConfig, model: SttModel) -> Any:
+    so = import_sherpa()
+    f = {role: str(p) for role, p in model.files.items()}
+    try:
+        if model.kind == "whisper":
+            multilingual = model.metadata.get("is_multilingual", "0").strip() not in ("", "0")
+            return so.OfflineRecognizer.from_whisper(
+                encoder=f["encoder"], decoder=f["decoder"], tokens=f["tokens"],
+                language="" if multilingual else "en", task="transcribe",
+                num_threads=cfg.num_threads, decoding_method="greedy_search",
+                # Pad every input to Whisper's full 30 s window, as it was trained: with
+                # sherpa-onnx's default (10 s) tiny.en repeats short commands two or three
+                # times. Costs ~30 % more encoder time per decode.
+                tail_paddings=WHISPER_FRAMES)
+        if model.kind == "moonshine":
+            return so.OfflineRecognizer.from_moonshine(
+                preprocessor=f["preprocessor"], encoder=f["encoder"],
+                uncached_decoder=f["uncached_decoder"], cached_decoder=f["cached_decoder"],
+                tokens=f["tokens"], num_threads=cfg.num_threads)
+        if model.kind == "sense_voice":
+            return so.OfflineRecognizer.from_sense_voice(
+                model=f["model"], tokens=f["tokens"], num_threads=cfg.num_threads, use_itn=True)
+    except (RuntimeError, ValueError, AssertionError) as err:
+        raise ModelError(f"sherpa-onnx could not load the {model.kind} model "
+                         f"{next(iter(f.values()))}: {err}", code="model.invalid") from err
+    raise ModelError(f"{model.kind} is not an offline model type", code="model.unsupported")
+
+
+def build_vad(cfg: SttConfig, vad_path: Path, max_utterance_s: float) -> Any:
+    so = import_sherpa()
+    vc = so.VadModelConfig()
+    vc.silero_vad.model = str(vad_path)
+    vc.silero_vad.threshold = cfg.vad_threshold
+    vc.silero_vad.min_silence_duration = cfg.endpoint_silence_s
+    vc.silero_vad.min_speech_duration = MIN_SPEECH_S
+    vc.silero_vad.window_size = VAD_WINDOW
+    # Past max_speech_duration sherpa-onnx tightens its thresholds to force a cut; the cut at
+    # max_utterance_s is ours, so keep its rule out of the way.
+    vc.silero_vad.max_speech_duration = max_utterance_s + 5.0
+    vc.sample_rate = SAMPLE_RATE
+    vc.num_threads = 1
+    if not vc.validate():
+        raise ModelError(f"sherpa-onnx rejected the VAD configuration for {vad_path}",
+                         code="model.invalid")
+    try:
+        return so.VoiceActivityDetector(vc, buffer_size_in_seconds=max_utterance_s + 10.0)
+    except RuntimeError as err:
+        raise ModelError(f"sherpa-onnx could not load the VAD model {vad_path}: {err}",
+                         code="model.invalid") from err
+
+
+class _Audio:
+    """The utterance's samples, indexed by position in the samples fed."""
+
+    def __init__(self) -> None:
+        self._parts: list[np.ndarray] = []
+        self.base = 0  # fed position of the first kept sample
+        self.size = 0
+
+    def append(self, samples: np.ndarray) -> None:
+        self._parts.append(samples)
+        self.size += len(samples)
+
+    def keep_last(self, n: int) -> None:
+        while self._parts and self.size - len(self._parts[0]) >= n:
+            self.size -= len(self._parts[0])
+            self.base += len(self._parts.pop(0))
+
+    def span(self, start: int, end: int) -> np.ndarray:
+        data = np.concatenate(self._parts) if len(self._parts) != 1 else self._parts[0]
+        self._parts = [data]
+        return data[max(start - self.base, 0):max(end - self.base, 0)]
+
+
+class VadOfflineRecognizer:
+    """``Recognizer``: silero VAD + an offline model (Whisper, Moonshine, SenseVoice)."""
+
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, cfg: SttConfig, model: SttModel, vad_path: Path) -> None:
+        self._cfg = cfg
+        self.kind = model.kind
+        self._max_utt = cfg.max_utterance_s
+        if model.kind == "whisper" and self._max_utt > WHISPER_MAX_S:
+            _LOGGER.warning("stt.max_utterance_s %.0f is longer than Whisper takes; cutting at %.0f s",
+                            self._max_utt, WHISPER_MAX_S)
+            self._max_utt = WHISPER_MAX_S
+        t0 = time.monotonic()
+        self._rec: Any = build_offline_recognizer(cfg, model)
+        self._vad: Any = build_vad(cfg, vad_path, self._max_utt)
+        _LOGGER.info("speech-to-text: VAD + offline %s model loaded in %.2f s (%d threads)",
+                     model.kind, time.monotonic() - t0, cfg.num_threads)
+        self._closed = False
+        self._done = True
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self._timeline = Timeline()
+        self._audio = _Audio()
+        self._pending: list[SttUpdate] = []
+        self._speech_at: int | None = None  # fed position where speech began
+        self._last_partial = ""
+        self._last_partial_pos = 0
+        self._partial_gap = int(self._cfg.partial_interval_s * SAMPLE_RATE)
+
+    # -- Recognizer ---------------------------------------------------------------------------
+
+    def start(self, preroll: list[AudioChunk]) -> None:
+        if self._closed:
+            raise closed_error()
+        self._vad.reset()
+        self._reset_state()
+        self._done = False
+        for chunk in preroll:
+            self._pending.extend(self._feed(chunk))
+            if self._done:
+                break
+
+    def accept(self, chunk: AudioChunk) -> list[SttUpdate]:
+        if self._closed:
+            raise closed_error()
+        updates, self._pending = self._pending, []
+        if not self._done:
+            updates.extend(self._feed(chunk))
+        return updates
+
+    def finish(self) -> SttUpdate | None:
+        if self._closed:
+            raise closed_error()
+        if self._done:
+            return None
+        self._done = True
+        if self._speech_at is None:
+            return None
+        fed = self._timeline.fed
+        text, took = self._decode(self._speech_at, fed)
+        if not text:
+            return None
+        end = self._timeline.end_s
+        return SttUpdate(FINAL, text, end, end, took)
+
+    def close(self) -> None:
+        self._closed = True
+        self._rec = None
+        self._vad = None
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _decode(self, speech_at: int, end: int) -> tuple[str, float]:
+        start = max(speech_at - int(LEAD_S * SAMPLE_RATE), self._audio.base)
+        samples = self._audio.span(start, end)
+        t0 = time.perf_counter()
+        stream = self._rec.create_stream()
+        stream.accept_waveform(SAMPLE_RATE, samples.astype(np.float32) / 32768.0)
+        self._rec.decode_stream(stream)
+        took = time.perf_counter() - t0
+        text = clean_transcript(stream.result.text)
+        _LOGGER.debug("decoded %.2f s of audio in %.3f s", len(samples) / SAMPLE_RATE, took)
+        return text, took
+
+    def _feed(self, chunk: AudioChunk) -> list[SttUpdate]:
+        check_chunk(chunk)
+        self._timeline.push(chunk)
+        self._audio.append(chunk.samples)
+        self._vad.accept_waveform(chunk.float32())
+        fed = self._timeline.fed
+        out: list[SttUpdate] = []
+        if self._speech_at is None:
+            if self._vad.is_speech_detected():
+                self._speech_at = max(int(self._vad.current_segment.start), 0)
+            elif not self._vad.empty():  # speech began and ended within this chunk
+                self._speech_at = max(int(self._vad.front.start), 0)
+            else:
+                self._audio.keep_last(int(IDLE_KEEP_S * SAMPLE_RATE))
+                return out
+            self._last_partial_pos = fed
+            out.append(SttUpdate(SPEECH_START, "", self._timeline.seconds(self._speech_at)))
+        if not self._vad.empty():
+            seg = self._vad.front
+            speech_end = int(seg.start) + len(seg.samples)
+            self._vad.pop()
+            return out + self._final(speech_end, min(speech_end + int(TAIL_S * SAMPLE_RATE), fed))
+        if fed - self._speech_at >= int(self._max_utt * SAMPLE_RATE):
+            return out + self._final(fed, fed)
+        if fed - self._last_partial_pos >= self._partial_gap:
+            text, took = self._decode(self._speech_at, fed)
+            self._last_partial_pos = fed
+            self._partial_gap = max(int(self._cfg.partial_interval_s * SAMPLE_RATE),
+                                    int(PARTIAL_LOAD * took * SAMPLE_RATE))
+            if text and text != self._last_partial:
+                self._last_partial = text
+                out.append(SttUpdate(PARTIAL, text, self._timeline.end_s, None, took))
+        return out
+
+    def _final(self, speech_end: int, decode_end: int) -> list[SttUpdate]:
+        assert self._speech_at is not None
+        text, took = self._decode(self._speech_at, decode_end)
+        if not text:
+            # A cough, a knock, noise the model hears no words in: not a question; keep listening.
+            self._speech_at = None
+            self._last_partial = ""
+            return []
+        self._done = True
+        return [SttUpdate(FINAL, text, self._timeline.end_s, self._timeline.seconds(speech_end), took)]

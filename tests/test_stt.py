@@ -1,0 +1,504 @@
+"""Speech-to-text: model checks, the streaming engine on a synthetic model, Whisper + VAD on speech.
+
+Speech is generated with espeak-ng, resampled to 16 kHz and fed in 20 ms chunks exactly as the
+pipeline does. The streaming engine runs the real sherpa-onnx OnlineRecognizer on the random
+model from ``synth_streaming`` (no trained streaming model is available offline): its text is
+gibberish, but partials, endpoints and resets are sherpa-onnx's own behaviour.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import wave
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pytest
+
+from edge.audio.chunk import SAMPLE_RATE, AudioChunk, resample
+from edge.config import SttConfig
+from edge.errors import AudioError, ConfigError, ModelError, StageError
+from edge.stt import (FINAL, PARTIAL, SPEECH_START, Recognizer, SttUpdate, Timeline,
+                      clean_transcript, make_recognizer)
+from edge.stt_models import identify_stt_model, identify_vad_model, read_onnx_info, read_tokens
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synth_streaming import build_nemo_ctc_streaming  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CHUNK = 320
+
+
+# --- audio helpers ---------------------------------------------------------------------------
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * SAMPLE_RATE), np.int16)
+
+
+def noise(seconds: float, dbfs: float, seed: int = 7) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    amp = 32768 * 10 ** (dbfs / 20)
+    return np.clip(rng.standard_normal(int(seconds * SAMPLE_RATE)) * amp, -32768, 32767).astype(np.int16)
+
+
+def chunks(audio: np.ndarray, start: int = 0) -> list[AudioChunk]:
+    n = len(audio) // CHUNK * CHUNK
+    return [AudioChunk(audio[i:i + CHUNK].copy(), start + i) for i in range(0, n, CHUNK)]
+
+
+def run(rec: Recognizer, audio: np.ndarray, *, start: int = 0, preroll_s: float = 0.2) -> list[SttUpdate]:
+    cs = chunks(audio, start)
+    k = int(preroll_s * SAMPLE_RATE) // CHUNK
+    rec.start(cs[:k])
+    return [u for c in cs[k:] for u in rec.accept(c)]
+
+
+def kinds(updates: list[SttUpdate]) -> list[str]:
+    return [u.kind for u in updates]
+
+
+@pytest.fixture(scope="session")
+def say(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], np.ndarray]:
+    """espeak-ng speech at 16 kHz with its own leading/trailing silence trimmed."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    folder = tmp_path_factory.mktemp("speech")
+    cache: dict[str, np.ndarray] = {}
+
+    def _say(text: str) -> np.ndarray:
+        if text not in cache:
+            path = folder / f"{len(cache)}.wav"
+            subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(path), text],
+                           check=True, capture_output=True)
+            with wave.open(str(path), "rb") as w:
+                x = np.frombuffer(w.readframes(w.getnframes()), np.int16)
+                x = resample(x, w.getframerate(), SAMPLE_RATE)
+            voiced = np.flatnonzero(np.abs(x) > 200)
+            cache[text] = x[voiced[0]:voiced[-1] + 1]
+        return cache[text]
+
+    return _say
+
+
+def wer(ref: str, hyp: str) -> tuple[int, int]:
+    """(word errors, reference words) after lower-casing and dropping punctuation."""
+    def norm(s: str) -> list[str]:
+        return re.sub(r"[^a-z0-9' ]", " ", s.lower()).split()
+    r, h = norm(ref), norm(hyp)
+    d = list(range(len(h) + 1))
+    for i, rw in enumerate(r, 1):
+        prev, d[0] = d[0], i
+        for j, hw in enumerate(h, 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (rw != hw))
+    return d[len(h)], len(r)
+
+
+# --- pure pieces -----------------------------------------------------------------------------
+
+def test_timeline_maps_fed_samples_across_a_gap() -> None:
+    tl = Timeline()
+    tl.push(AudioChunk(np.zeros(320, np.int16), 16000))
+    tl.push(AudioChunk(np.zeros(320, np.int16), 16320))
+    tl.push(AudioChunk(np.zeros(320, np.int16), 32000))  # capture dropped a second
+    assert tl.fed == 960
+    assert tl.seconds(0) == 1.0
+    assert tl.seconds(639) == pytest.approx((16320 + 319) / 16000)
+    assert tl.seconds(640) == 2.0
+    assert tl.seconds(10**6) == tl.end_s == pytest.approx(32320 / 16000)
+
+
+@pytest.mark.parametrize("raw, clean", [
+    (" What is the capital of France? ", "What is the capital of France?"),
+    ("[ Silence ]", ""), ("(wind howling)", ""), ("*cough*", ""), ("♪♪", ""),
+    ("[BLANK_AUDIO] turn it on", "turn it on"), ("  ...  ", ""),
+])
+def test_clean_transcript_drops_sound_annotations(raw: str, clean: str) -> None:
+    assert clean_transcript(raw) == clean
+
+
+def test_wer_helper() -> None:
+    assert wer("what is the capital of France", "What is the capital of France?") == (0, 6)
+    assert wer("will it rain", "we'll train") == (3, 3)
+
+
+# --- model files -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def synth_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_nemo_ctc_streaming(tmp_path_factory.mktemp("synth"))
+
+
+@pytest.fixture(scope="session")
+def whisper_files(whisper_paths: dict[str, Path]) -> dict[str, Path]:
+    for p in whisper_paths.values():
+        if not p.exists():
+            pytest.skip(f"{p} not available")
+    return {p.name: p for p in whisper_paths.values()}
+
+
+@pytest.fixture(scope="session")
+def vad_files(silero_vad_path: Path) -> dict[str, Path]:
+    return {silero_vad_path.name: silero_vad_path}
+
+
+def test_onnx_header_scanner_matches_onnx(synth_files: dict[str, Path],
+                                          whisper_files: dict[str, Path]) -> None:
+    onnx = pytest.importorskip("onnx")
+    for path in [synth_files["model.onnx"], *[p for p in whisper_files.values() if p.suffix == ".onnx"]]:
+        info = read_onnx_info(path)
+        m = onnx.load(str(path), load_external_data=False)
+        assert info.ir_version == m.ir_version
+        assert info.metadata == {p.key: p.value for p in m.metadata_props}
+        assert list(info.inputs) == [i.name for i in m.graph.input]
+        assert list(info.outputs) == [o.name for o in m.graph.output]
+
+
+def test_onnx_header_scanner_rejects_bad_files(tmp_path: Path, synth_files: dict[str, Path]) -> None:
+    with pytest.raises(ModelError) as err:
+        read_onnx_info(tmp_path / "absent.onnx")
+    assert err.value.code == "model.missing" and "absent.onnx" in str(err.value)
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(synth_files["model.onnx"].read_bytes()[:-37])
+    with pytest.raises(ModelError) as err:
+        read_onnx_info(cut)
+    assert err.value.code == "model.invalid" and "cut.onnx" in str(err.value)
+    text = tmp_path / "text.onnx"
+    text.write_text("this is not a model\n")
+    with pytest.raises(ModelError):
+        read_onnx_info(text)
+
+
+def test_identifies_whisper_and_prefers_int8(tmp_path: Path, whisper_files: dict[str, Path]) -> None:
+    model = identify_stt_model(whisper_files)
+    assert model.kind == "whisper" and not model.streaming
+    assert model.files["encoder"].name == "tiny.en-encoder.int8.onnx"
+    # A float export beside the int8 one: the int8 file wins.
+    both = dict(whisper_files)
+    for name, path in whisper_files.items():
+        if name.endswith(".int8.onnx"):
+            alias = tmp_path / name.replace(".int8", "")
+            alias.symlink_to(path)
+            both[alias.name] = alias
+    assert identify_stt_model(both).files["decoder"].name == "tiny.en-decoder.int8.onnx"
+
+
+def test_identifies_synthetic_streaming_ctc(synth_files: dict[str, Path]) -> None:
+    model = identify_stt_model(synth_files)
+    assert model.kind == "nemo_ctc" and model.streaming
+    assert read_tokens(synth_files["tokens.txt"])["<blk>"] == 24
+
+
+@pytest.mark.parametrize("key", ["chunk_shift", "cache_last_time_dim3", "vocab_size"])
+def test_missing_metadata_names_file_and_key(tmp_path: Path, key: str) -> None:
+    files = build_nemo_ctc_streaming(tmp_path, drop_metadata=(key,))
+    with pytest.raises(ModelError) as err:
+        identify_stt_model(files)
+    assert key in str(err.value) and str(files["model.onnx"]) in str(err.value)
+    assert err.value.code == "model.invalid"
+
+
+def test_ir_version_too_new_is_refused(tmp_path: Path) -> None:
+    files = build_nemo_ctc_streaming(tmp_path, ir_version=14)
+    with pytest.raises(ModelError, match="IR version 14"):
+        identify_stt_model(files)
+
+
+def test_whisper_metadata_is_checked(tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    def tiny(path: Path, meta: dict[str, str]) -> None:
+        g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        for k, v in meta.items():
+            e = m.metadata_props.add()
+            e.key, e.value = k, v
+        path.write_bytes(m.SerializeToString())
+
+    meta = {k: "1" for k in ("n_mels", "n_text_layer", "n_text_ctx", "n_text_state", "n_vocab", "sot",
+                             "blank_id", "translate", "transcribe", "no_timestamps", "no_speech",
+                             "sot_sequence")}
+    meta["is_multilingual"] = "0"  # "eot" is left out
+    tiny(tmp_path / "x-encoder.onnx", meta)
+    tiny(tmp_path / "x-decoder.onnx", {})
+    (tmp_path / "x-tokens.txt").write_text("IQ== 0\n")
+    files = {p.name: p for p in tmp_path.iterdir()}
+    with pytest.raises(ModelError, match="'eot'") as err:
+        identify_stt_model(files, "whisper")
+    assert "x-encoder.onnx" in str(err.value)
+
+
+def test_tokens_must_fit_the_model(tmp_path: Path) -> None:
+    files = build_nemo_ctc_streaming(tmp_path)
+    tokens = files["tokens.txt"]
+    lines = tokens.read_text().splitlines()
+    tokens.write_text("\n".join(lines[:-1]) + "\n")  # no blank
+    with pytest.raises(ModelError, match="blank"):
+        identify_stt_model(files)
+    tokens.write_text("\n".join(lines) + "\nextra 99\n")
+    with pytest.raises(ModelError, match="do not belong together"):
+        identify_stt_model(files)
+    tokens.unlink()
+    with pytest.raises(ModelError) as err:
+        identify_stt_model(files)
+    assert err.value.code == "model.missing"
+
+
+def test_unknown_layouts_are_refused(tmp_path: Path, synth_files: dict[str, Path]) -> None:
+    with pytest.raises(ModelError) as err:
+        identify_stt_model({"a.onnx": synth_files["model.onnx"], "b.onnx": synth_files["model.onnx"]})
+    assert err.value.code == "model.unsupported"
+    with pytest.raises(ModelError, match="unknown speech-to-text model type"):
+        identify_stt_model(synth_files, "kaldi")
+
+
+def test_vad_model_layout_is_checked(vad_files: dict[str, Path], synth_files: dict[str, Path]) -> None:
+    assert identify_vad_model(vad_files) == next(iter(vad_files.values()))
+    with pytest.raises(ModelError, match="not a silero VAD model"):
+        identify_vad_model({"model.onnx": synth_files["model.onnx"]})
+
+
+def test_bad_model_fails_with_an_error_not_a_dead_process(tmp_path: Path) -> None:
+    # sherpa-onnx would end the interpreter with status 255 on this model; the check must come first.
+    build_nemo_ctc_streaming(tmp_path, drop_metadata=("window_size",))
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from edge.config import SttConfig\nfrom edge.stt import make_recognizer\n"
+        "from edge.errors import ModelError\n"
+        f"d = Path({str(tmp_path)!r})\n"
+        "try:\n"
+        "    make_recognizer(SttConfig(), {p.name: p for p in d.iterdir()}, None)\n"
+        "except ModelError as e:\n"
+        "    print(e.code, e); sys.exit(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.startswith("model.invalid") and "'window_size'" in proc.stdout
+
+
+def test_engine_and_model_must_match(synth_files: dict[str, Path], whisper_files: dict[str, Path],
+                                     vad_files: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError, match="vad-offline"):
+        make_recognizer(SttConfig(engine="streaming"), whisper_files, None)
+    with pytest.raises(ConfigError, match="streaming"):
+        make_recognizer(SttConfig(engine="vad-offline"), synth_files, vad_files)
+    with pytest.raises(ConfigError, match="VAD model"):
+        make_recognizer(SttConfig(engine="vad-offline"), whisper_files, None)
+
+
+# --- streaming engine on the synthetic model ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def streaming(synth_files: dict[str, Path]) -> Iterator[Recognizer]:
+    rec = make_recognizer(SttConfig(engine="streaming", endpoint_silence_s=0.8), synth_files, None)
+    yield rec
+    rec.close()
+
+
+def test_streaming_partials_grow_then_endpoint_after_silence(streaming: Recognizer, say) -> None:
+    speech = say("what is the capital of france")
+    audio = np.concatenate([silence(0.6), speech, silence(2.0)])
+    updates = run(streaming, audio, start=48000)
+    onset, offset = 3.0 + 0.6, 3.0 + 0.6 + len(speech) / SAMPLE_RATE
+    assert kinds(updates)[0] == SPEECH_START and kinds(updates)[-1] == FINAL
+    assert kinds(updates).count(SPEECH_START) == 1 and kinds(updates).count(FINAL) == 1
+    partials = [u for u in updates if u.kind == PARTIAL]
+    assert len(partials) >= 3
+    for a, b in zip(partials, partials[1:]):
+        assert b.text.startswith(a.text) and len(b.text) > len(a.text)
+        assert b.audio_time - a.audio_time >= 0.3 - 1e-9  # partial_interval_s
+    final = updates[-1]
+    assert final.text.startswith(partials[-1].text)
+    assert abs(updates[0].audio_time - onset) < 0.2
+    assert onset < final.speech_end <= offset + 0.1
+    # Rule 2: the endpoint fires once endpoint_silence_s of trailing blanks were decoded.
+    assert 0.8 <= final.audio_time - final.speech_end <= 0.8 + 0.4
+    assert final.audio_time < offset + 0.8 + 0.5
+    # After the final the utterance is over: more audio changes nothing.
+    assert all(streaming.accept(c) == [] for c in chunks(np.concatenate([speech, silence(1)]), 200000))
+    assert streaming.finish() is None
+
+
+@pytest.mark.parametrize("endpoint_s", [0.4, 1.5])
+def test_streaming_endpoint_follows_config(synth_files: dict[str, Path], say, endpoint_s: float) -> None:
+    rec = make_recognizer(SttConfig(engine="streaming", endpoint_silence_s=endpoint_s), synth_files)
+    updates = run(rec, np.concatenate([silence(0.5), say("turn on the lights"), silence(2.5)]))
+    final = updates[-1]
+    assert final.kind == FINAL
+    assert endpoint_s <= final.audio_time - final.speech_end <= endpoint_s + 0.4
+    rec.close()
+
+
+def test_streaming_silence_and_quiet_noise_give_nothing(streaming: Recognizer) -> None:
+    assert run(streaming, np.concatenate([silence(2), noise(2, -50)])) == []
+    assert streaming.finish() is None
+
+
+def test_streaming_restart_mid_utterance_is_clean(streaming: Recognizer, say) -> None:
+    audio = np.concatenate([silence(0.5), say("where is the nearest train station"), silence(1.5)])
+    reference = run(streaming, audio)
+    assert kinds(reference)[-1] == FINAL
+    # Abandon an utterance half way, then start again at a later point of the timeline.
+    half = run(streaming, audio[: len(audio) // 2])
+    assert PARTIAL in kinds(half) and FINAL not in kinds(half)
+    again = run(streaming, audio, start=10 * SAMPLE_RATE)
+    assert [(u.kind, u.text) for u in again] == [(u.kind, u.text) for u in reference]
+    for a, b in zip(again, reference):
+        assert a.audio_time == pytest.approx(b.audio_time + 10, abs=1e-6)
+
+
+def test_streaming_second_utterance_after_final(streaming: Recognizer, say) -> None:
+    first = run(streaming, np.concatenate([silence(0.5), say("tell me a joke"), silence(1.5)]))
+    second = run(streaming, np.concatenate([silence(0.5), say("how do i get to the airport"), silence(1.5)]),
+                 start=5 * SAMPLE_RATE)
+    assert kinds(first)[-1] == FINAL and kinds(second)[-1] == FINAL
+    assert second[0].kind == SPEECH_START and second[0].audio_time > 5
+    assert first[-1].text != second[-1].text
+
+
+def test_streaming_max_utterance_counts_from_first_word(synth_files: dict[str, Path], say) -> None:
+    rec = make_recognizer(SttConfig(engine="streaming", max_utterance_s=1.0), synth_files)
+    speech = say("can you recommend a good restaurant nearby")
+    # A long silence first must not eat into the question's time.
+    updates = run(rec, np.concatenate([silence(3.5), speech, silence(1)]))
+    assert kinds(updates)[0] == SPEECH_START and kinds(updates)[-1] == FINAL
+    start, final = updates[0], updates[-1]
+    assert abs(start.audio_time - 3.5) < 0.2
+    assert 1.0 <= final.audio_time - start.audio_time <= 1.0 + 0.2
+    assert final.speech_end == final.audio_time  # cut while speaking
+    rec.close()
+
+
+def test_streaming_finish_mid_speech(synth_files: dict[str, Path], say) -> None:
+    rec = make_recognizer(SttConfig(engine="streaming"), synth_files)
+    speech = say("can you recommend a good restaurant nearby")
+    audio = np.concatenate([silence(0.3), speech[: len(speech) // 2]])
+    part = run(rec, audio)
+    assert FINAL not in kinds(part)
+    final = rec.finish()
+    assert final is not None and final.kind == FINAL
+    assert final.text.startswith([u for u in part if u.kind == PARTIAL][-1].text)
+    assert final.audio_time == pytest.approx(len(audio) // CHUNK * CHUNK / SAMPLE_RATE)
+    assert rec.finish() is None
+    rec.close()
+
+
+def test_streaming_utterance_inside_preroll_comes_with_next_chunk(streaming: Recognizer, say) -> None:
+    audio = np.concatenate([silence(0.5), say("tell me a joke"), silence(1.5)])
+    cs = chunks(audio)
+    streaming.start(cs)
+    updates = streaming.accept(chunks(silence(0.1), len(cs) * CHUNK)[0])
+    assert kinds(updates)[0] == SPEECH_START and kinds(updates)[-1] == FINAL
+    assert streaming.accept(chunks(silence(0.1), len(cs) * CHUNK + CHUNK)[0]) == []
+
+
+def test_streaming_guards(streaming: Recognizer, synth_files: dict[str, Path]) -> None:
+    streaming.start([])
+    with pytest.raises(AudioError, match="16000 Hz"):
+        streaming.accept(AudioChunk(np.zeros(160, np.int16), 0, rate=8000))
+    rec = make_recognizer(SttConfig(), synth_files)
+    rec.close()
+    with pytest.raises(StageError):
+        rec.start([])
+
+
+# --- VAD + Whisper on speech -----------------------------------------------------------------
+
+SENTENCES = [
+    "what is the capital of france",
+    "turn on the lights in the kitchen",
+    "how much does a ticket to the museum cost",
+    "tell me a joke about computers",
+    "where is the nearest train station",
+    "what time does the library close today",
+    "can you recommend a good restaurant nearby",
+    "how do i get to the airport",
+]
+
+
+@pytest.fixture(scope="module")
+def whisper(whisper_files: dict[str, Path], vad_files: dict[str, Path]) -> Iterator[Recognizer]:
+    # Partials every second (not 0.3 s) keep these tests quick; partial timing has its own test.
+    cfg = SttConfig(engine="vad-offline", endpoint_silence_s=0.8, partial_interval_s=1.0)
+    rec = make_recognizer(cfg, whisper_files, vad_files)
+    yield rec
+    rec.close()
+
+
+def test_whisper_transcribes_questions(whisper: Recognizer, say) -> None:
+    errors = words = 0
+    for i, text in enumerate(SENTENCES):
+        speech = say(text)
+        t0 = 100.0 * i
+        updates = run(whisper, np.concatenate([silence(0.6), speech, silence(1.5)]),
+                      start=int(t0 * SAMPLE_RATE))
+        onset, offset = t0 + 0.6, t0 + 0.6 + len(speech) / SAMPLE_RATE
+        assert kinds(updates)[0] == SPEECH_START and kinds(updates)[-1] == FINAL, (text, updates)
+        assert kinds(updates).count(FINAL) == 1 and kinds(updates).count(SPEECH_START) == 1
+        assert PARTIAL in kinds(updates)
+        final = updates[-1]
+        assert abs(updates[0].audio_time - onset) <= 0.35, (text, updates[0])
+        assert abs(final.speech_end - offset) <= 0.25, (text, final)
+        assert 0.75 <= final.audio_time - final.speech_end <= 0.9, (text, final)
+        e, n = wer(text, final.text)
+        errors, words = errors + e, words + n
+    assert errors / words <= 0.1, f"word error rate {errors / words:.3f}"
+
+
+def test_whisper_short_pause_does_not_end_the_question(whisper: Recognizer, say) -> None:
+    audio = np.concatenate([silence(0.5), say("turn on the lights"), silence(0.35),
+                            say("in the kitchen"), silence(1.5)])
+    updates = run(whisper, audio)
+    assert kinds(updates).count(FINAL) == 1
+    assert wer("turn on the lights in the kitchen", updates[-1].text)[0] <= 1
+
+
+def test_whisper_silence_and_noise_give_no_final(whisper: Recognizer) -> None:
+    for audio in (silence(3), noise(3, -40), noise(3, -25, seed=3)):
+        updates = run(whisper, audio)
+        assert FINAL not in kinds(updates)
+        assert whisper.finish() is None
+
+
+def test_whisper_restart_and_finish(whisper: Recognizer, say) -> None:
+    speech = say("what is the weather like this weekend")
+    # Abandon mid-speech; the next utterance must not carry any of it.
+    half = run(whisper, np.concatenate([silence(0.5), say("tell me a joke about computers")[:16000]]))
+    assert kinds(half)[0] == SPEECH_START and FINAL not in kinds(half)
+    audio = np.concatenate([silence(0.5), speech, silence(1.5)])
+    updates = run(whisper, audio, start=30 * SAMPLE_RATE)
+    assert kinds(updates)[0] == SPEECH_START and updates[0].audio_time > 30
+    assert wer("what is the weather like this weekend", updates[-1].text)[0] <= 1
+    # finish() while speaking: a final from what was heard; without speech: None.
+    cut = np.concatenate([silence(0.5), speech[: len(speech) * 2 // 3]])
+    part = run(whisper, cut)
+    assert FINAL not in kinds(part)
+    final = whisper.finish()
+    assert final is not None and final.kind == FINAL
+    assert final.text.lower().startswith("what is the weather")
+    assert final.audio_time == pytest.approx(len(cut) // CHUNK * CHUNK / SAMPLE_RATE)
+    assert whisper.finish() is None
+
+
+def test_whisper_partials_follow_interval(whisper_files: dict[str, Path], vad_files: dict[str, Path],
+                                          say) -> None:
+    rec = make_recognizer(SttConfig(engine="vad-offline", partial_interval_s=0.3), whisper_files, vad_files)
+    updates = run(rec, np.concatenate([silence(0.5), say("can you recommend a good restaurant nearby"),
+                                       silence(1.5)]))
+    partials = [u for u in updates if u.kind == PARTIAL]
+    # How many depends on how fast this machine decodes right now; at least the first comes.
+    assert partials and partials[0].text.lower().startswith("can")
+    # Never closer than the interval, nor than twice the decode that produced the previous one.
+    for a, b in zip(partials, partials[1:]):
+        assert b.audio_time - a.audio_time >= max(0.3, 2 * a.decode_s) - 0.02
+    assert updates[-1].kind == FINAL
+    assert wer("can you recommend a good restaurant nearby", updates[-1].text)[0] <= 1
+    rec.close()
