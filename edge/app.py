@@ -1,0 +1,299 @@
+"""The daemon (``edge-voice run``): the composition root.
+
+Start-up: load models → open the speaker → warm the LLM → open the microphone → READY=1.
+The audio loop reads the microphone on its own thread, feeds the conversation and tells the
+watchdog it made progress. Shutdown on SIGTERM, in order: STOPPING=1 → stop the mic → cancel
+the turn → stop the speaker → flush the outbox, publish offline, disconnect → free models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+from edge import __version__
+from edge.audio.devices import open_microphone, open_speaker
+from edge.config import Config
+from edge.conversation import Conversation
+from edge.errors import AudioError, EdgeError
+from edge.events import Event, EventBus, EventType
+from edge.stages import Stages, load_stages
+
+_LOGGER = logging.getLogger(__name__)
+
+# If the microphone delivers nothing for this long it is treated as lost and reopened.
+MIC_SILENT_S = 5.0
+
+
+class MicClock:
+    """The audio timeline of the live microphone: the end of the last chunk read."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        from edge.systemd import Notifier, Watchdog
+
+        self.cfg = cfg
+        self.notifier = Notifier()
+        self.watchdog = Watchdog(self.notifier)
+        self.stop_event = threading.Event()
+        self.bus = EventBus()
+        self.clock = MicClock()
+        self.stages: Stages | None = None
+        self.conv: Conversation | None = None
+        self.speaker: Any = None
+        self.mic: Any = None
+        self.bridge: Any = None
+        self.started = time.monotonic()
+        self.mic_state = "closed"
+        self._audio_thread: threading.Thread | None = None
+        self._reload: Stages | None = None
+        self._status_text = ""
+
+    # -- status ----------------------------------------------------------------------
+    def status(self, text: str, state: str | None = None) -> None:
+        if text != self._status_text:
+            self._status_text = text
+            self.notifier.status(text)
+            _LOGGER.info("status: %s", text)
+        if state is not None and self.bridge is not None:
+            self.bridge.set_state(state, detail=text)
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "audio_queue_drops": getattr(self.mic, "dropped", 0),
+            "mic": self.mic_state,
+            "conversation": self.conv.state.value if self.conv else "loading",
+            "turns": self.conv.turns_done if self.conv else 0,
+            "models_loaded": self.stages is not None,
+        }
+
+    # -- lifecycle -------------------------------------------------------------------
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
+        try:
+            self._start()
+            self.notifier.ready()
+            self.status("listening", "online")
+            while not self.stop_event.wait(0.5):
+                if self._audio_thread is not None and not self._audio_thread.is_alive():
+                    _LOGGER.error("audio loop ended unexpectedly")
+                    return 1
+            return 0
+        finally:
+            self._shutdown()
+
+    def _start(self) -> None:
+        cfg = self.cfg
+        self.status("loading models")
+        self.stages = load_stages(cfg)
+        if cfg.mqtt.enabled:
+            from edge.mqtt.client import MqttBridge
+
+            self.bridge = MqttBridge(cfg.mqtt, cfg.device_id, cfg.state_dir, DaemonController(self),
+                                     version=__version__, models=cfg.model_ids())
+            self.bridge.set_metrics_source(self.metrics)
+            self.bridge.start()
+            self.bus.subscribe(self.bridge.publish_event)
+        self.bus.subscribe(_log_event)
+        rate = self.stages.synth.sample_rate if self.stages.synth is not None else 16000
+        self.speaker = open_speaker(cfg.audio, rate)
+        self.conv = Conversation(cfg, bus=self.bus, clock=self.clock, speaker=self.speaker,
+                                 wake=self.stages.wake, recognizer=self.stages.recognizer,
+                                 chat=self.stages.chat, synth=self.stages.synth)
+        if self.stages.chat is not None:
+            self.status("warming the language model")
+            self.stages.chat.warm(cfg.llm.system_prompt)
+        self.status("opening the microphone")
+        self.mic = open_microphone(cfg.audio)
+        self._open_mic_until_ready()
+        self.conv.start()
+        self.watchdog.start()
+        self._audio_thread = threading.Thread(target=self._audio_loop, name="audio", daemon=True)
+        self._audio_thread.start()
+
+    def _open_mic_until_ready(self) -> None:
+        backoff = 0.5
+        while not self.stop_event.is_set():
+            try:
+                self.mic.open()
+                self.mic_state = "open"
+                return
+            except AudioError as err:
+                self.mic_state = "lost"
+                self.status(f"mic lost — retrying in {backoff:.0f} s ({err.message})", "mic_lost")
+                self.notifier.watchdog()  # still alive: retrying is progress, not a hang
+                self.stop_event.wait(backoff)
+                backoff = min(backoff * 2, self.cfg.audio.reopen_backoff_max_s)
+        raise AudioError("stopped before the microphone opened", code="audio.cancelled")
+
+    def _audio_loop(self) -> None:
+        assert self.conv is not None
+        last_audio = time.monotonic()
+        while not self.stop_event.is_set():
+            try:
+                chunk = self.mic.read(timeout=0.5)
+            except AudioError as err:
+                _LOGGER.warning("microphone failed: %s", err)
+                chunk, last_audio = None, 0.0
+            self.watchdog.progress()
+            if self._reload is not None:
+                self._swap_stages()
+            if chunk is None:
+                if time.monotonic() - last_audio > MIC_SILENT_S:
+                    self._recover_mic()
+                    last_audio = time.monotonic()
+                continue
+            last_audio = time.monotonic()
+            self.clock.t = chunk.end_s
+            self.conv.feed(chunk)
+
+    def _recover_mic(self) -> None:
+        self.conv.cancel(reason="mic_lost")
+        try:
+            self.mic.close()
+        except Exception:
+            _LOGGER.exception("closing the microphone failed")
+        self.mic_state = "lost"
+        self.status("mic lost — retrying", "mic_lost")
+        try:
+            self._open_mic_until_ready()
+        except AudioError:
+            return
+        self.status("listening", "online")
+
+    # -- reload ----------------------------------------------------------------------
+    def reload_models(self) -> None:
+        """Load fresh stages in the caller's thread; the audio loop swaps them in."""
+        new = load_stages(self.cfg)
+        if new.chat is not None:
+            new.chat.warm(self.cfg.llm.system_prompt)
+        self._reload = new
+
+    def _swap_stages(self) -> None:
+        new, self._reload = self._reload, None
+        assert new is not None and self.conv is not None
+        self.conv.cancel(reason="reload")
+        old = self.stages
+        self.conv.wake, self.conv.recognizer = new.wake, new.recognizer
+        self.conv.chat, self.conv.synth = new.chat, new.synth
+        self.stages = new
+        if old is not None:
+            old.close()
+        _LOGGER.info("models reloaded")
+
+    def _shutdown(self) -> None:
+        self.notifier.stopping()
+        self.status("stopping", None)
+        self.stop_event.set()
+        if self._audio_thread is not None:
+            self._audio_thread.join(timeout=3)
+        if self.mic is not None:
+            self.mic.close()
+        if self.conv is not None:
+            self.conv.stop()
+        self.watchdog.stop()
+        if self.speaker is not None:
+            self.speaker.close()
+        if self.bridge is not None:
+            self.bridge.stop(timeout=5.0)
+        if self.stages is not None:
+            self.stages.close()
+        _LOGGER.info("stopped")
+
+
+class DaemonController:
+    """What MQTT commands can do to a running daemon."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+
+    def _conv(self) -> Conversation:
+        if self.d.conv is None:
+            raise EdgeError("the device is still starting", code="busy")
+        return self.d.conv
+
+    def say(self, text: str) -> dict:
+        return {"turn_id": self._conv().say(text)}
+
+    def ask(self, text: str) -> dict:
+        return {"turn_id": self._conv().ask(text)}
+
+    def listen(self) -> dict:
+        self._conv().push_to_talk()
+        return {}
+
+    def cancel(self) -> dict:
+        return {"cancelled": self._conv().cancel()}
+
+    def mute(self) -> dict:
+        self._conv().mute()
+        self.d.status("muted", "muted")
+        return {}
+
+    def unmute(self) -> dict:
+        self._conv().unmute()
+        self.d.status("listening", "online")
+        return {}
+
+    def set_volume(self, volume: float) -> dict:
+        if self.d.speaker is not None:
+            self.d.speaker.volume = volume
+        return {"volume": volume}
+
+    def set_setting(self, key: str, value: Any) -> dict:
+        section, _, name = key.partition(".")
+        conv = self._conv()
+        cfg = conv.cfg
+        sub = getattr(cfg, section, None)
+        if sub is None or not hasattr(sub, name):
+            raise EdgeError(f"unknown setting {key!r}", code="bad_request")
+        new_sub = dataclasses.replace(sub, **{name: value})
+        conv.cfg = dataclasses.replace(cfg, **{section: new_sub})
+        self.d.cfg = conv.cfg
+        if key == "audio.volume" and self.d.speaker is not None:
+            self.d.speaker.volume = value
+        chat = conv.chat
+        if section == "llm" and chat is not None and hasattr(chat, "cfg"):
+            chat.cfg = new_sub
+        return {key: value}
+
+    def reload_models(self) -> dict:
+        self.d.reload_models()
+        return {"models": self.d.cfg.model_ids()}
+
+    def status(self) -> dict:
+        conv = self.d.conv
+        return {
+            "state": conv.state.value if conv else "starting",
+            "muted": bool(conv and conv.muted),
+            "uptime_s": round(time.monotonic() - self.d.started, 1),
+            "version": __version__,
+            "models": self.d.cfg.model_ids(),
+            **self.d.metrics(),
+        }
+
+
+def _log_event(event: Event) -> None:
+    if event.type in (EventType.TRANSCRIPT_FINAL, EventType.REPLY_FINAL, EventType.WAKE,
+                      EventType.ERROR, EventType.BARGE_IN):
+        _LOGGER.info("%s %s", event.type.value, {k: v for k, v in event.data.items() if k != "timings_ms"},
+                     extra={"TURN_ID": event.turn_id or "", "STAGE": event.type.value})
+    elif event.type == EventType.TURN_END:
+        _LOGGER.info("turn.end %s %s", event.data.get("outcome"), event.data.get("timings_ms"),
+                     extra={"TURN_ID": event.turn_id or "", "STAGE": "turn"})
+
+
+def run_daemon(cfg: Config) -> int:
+    return Daemon(cfg).run()

@@ -1,0 +1,110 @@
+"""The ``edge-voice`` command: run, simulate, check, models, bench, devices.
+
+User mistakes end in one line on stderr (``edge-voice: error: ...``) and a non-zero exit;
+a traceback means a bug in edge-voice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from edge import __version__
+from edge.errors import EdgeError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _setup_plain_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", "-c", required=required, metavar="FILE",
+                   help="TOML config file (EDGE_VOICE_<SECTION>__<KEY> variables override it)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None,
+                   help="override logging.level")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-voice", description="Offline voice assistant for kiosks.")
+    parser.add_argument("--version", action="version", version=f"edge-voice {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("run", help="run the assistant on the microphone and speaker")
+    _add_config(p)
+
+    p = sub.add_parser("simulate", help="run the pipeline with a WAV file as the microphone")
+    _add_config(p)
+    p.add_argument("--input", "-i", required=True, metavar="IN.wav", help="audio to use as the microphone")
+    p.add_argument("--output", "-o", metavar="OUT.wav", help="write the spoken replies here")
+    p.add_argument("--realtime", action="store_true", help="feed the input at real-time speed throughout")
+    p.add_argument("--summary", action="store_true", help="print the transcript and reply on stderr too")
+
+    p = sub.add_parser("check", help="validate a config and that its models are installed")
+    _add_config(p)
+
+    try:
+        from edge.models.cli import add_models_parser
+    except ImportError:  # pragma: no cover - only while the package is incomplete
+        add_models_parser = None
+    if add_models_parser is not None:
+        add_models_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except EdgeError as err:
+        print(f"edge-voice: error: {err.message}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def _load(args: argparse.Namespace):
+    from edge.config import load_config
+
+    cfg = load_config(args.config)
+    _setup_plain_logging(args.log_level or cfg.logging.level)
+    return cfg
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd == "models":
+        from edge.models.cli import run_models
+
+        return run_models(args)
+    if cmd == "simulate":
+        from edge.simulate import simulate, summary_lines
+
+        cfg = _load(args)
+        result = simulate(cfg, args.input, args.output, realtime=args.realtime, out=sys.stdout)
+        if args.summary:
+            for line in summary_lines(result.events):
+                print(line, file=sys.stderr)
+        return 0
+    if cmd == "check":
+        from edge.check import run_check
+
+        cfg = _load(args)
+        return run_check(cfg)
+    if cmd == "run":
+        from edge.app import run_daemon
+
+        cfg = _load(args)
+        return run_daemon(cfg)
+    raise AssertionError(cmd)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""The conversation state machine with fakes that implement the real stage protocols.
+
+Audio is tagged by content: every sample of a chunk carries a code (0 silence, 1 wake word,
+2 speech), so the fakes decide from the audio itself, as the real models do. Every wait
+has a timeout. Real models run in the pipeline tests; this file is about the logic.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pytest
+
+from edge.audio.chunk import CHUNK_SAMPLES, AudioChunk
+from edge.audio.playback import WavSpeaker
+from edge.config import Config, ConversationConfig, LlmConfig, SttConfig
+from edge.conversation import Conversation, State
+from edge.errors import StageError
+from edge.events import EventBus
+from edge.simulate import FeedClock, feed_wav
+
+SILENCE, WAKE, SPEECH = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Hit:
+    word: str
+    score: float
+    audio_time: float
+
+
+@dataclass(frozen=True)
+class Upd:
+    kind: str
+    text: str
+    audio_time: float
+    speech_end: float | None = None
+
+
+class FakeWake:
+    """Fires once at the end of a run of wake-tagged audio."""
+
+    def __init__(self) -> None:
+        self.in_word = False
+        self.resets = 0
+
+    def process(self, chunk: AudioChunk) -> list[Hit]:
+        tagged = bool(chunk.samples[0] == WAKE)
+        fired = self.in_word and not tagged
+        self.in_word = tagged
+        return [Hit("hey_test", 0.9, chunk.start_s)] if fired else []
+
+    def reset(self) -> None:
+        self.in_word = False
+        self.resets += 1
+
+
+class FakeRecognizer:
+    """Counts speech chunks as words; endpoint after 10 silent chunks (200 ms)."""
+
+    def __init__(self) -> None:
+        self.words = 0
+        self.silent = 0
+        self.started = 0
+        self.speech_end: float | None = None
+
+    def start(self, preroll: list[AudioChunk]) -> None:
+        self.words, self.silent, self.speech_end = 0, 0, None
+        self.started += 1
+
+    def accept(self, chunk: AudioChunk) -> list[Upd]:
+        out = []
+        if chunk.samples[0] == SPEECH:
+            if self.words == 0:
+                out.append(Upd("speech_start", "", chunk.start_s))
+            self.words += 1
+            self.silent = 0
+            self.speech_end = chunk.end_s
+            if self.words % 5 == 0:
+                out.append(Upd("partial", self.text(), chunk.end_s))
+        elif self.words:
+            self.silent += 1
+            if self.silent == 10:
+                out.append(Upd("final", self.text(), chunk.end_s, self.speech_end))
+                self.words = 0
+        return out
+
+    def text(self) -> str:
+        return " ".join(["word"] * self.words)
+
+    def finish(self) -> Upd | None:
+        if self.words:
+            return Upd("final", self.text(), self.speech_end or 0.0, self.speech_end)
+        return None
+
+
+class FakeChat:
+    def __init__(self, reply: str = "Sure, here is a short answer. And a second sentence.",
+                 delay: float = 0.005, fail: bool = False) -> None:
+        self.reply = reply
+        self.delay = delay
+        self.fail = fail
+        self.prefills: list[str] = []
+        self.calls: list[tuple[list, str]] = []
+        self.stopped_by_cancel = threading.Event()
+
+    def warm(self, system_prompt: str) -> None:
+        pass
+
+    def prefill(self, history, user_text: str) -> None:
+        self.prefills.append(user_text)
+
+    def stream(self, history, user_text, *, cancel, max_tokens=None, deadline=None):
+        self.calls.append((list(history), user_text))
+        if self.fail:
+            raise StageError("model exploded", code="llm.failed")
+        for word in self.reply.split(" ") if self.reply else []:
+            if cancel.is_set():
+                self.stopped_by_cancel.set()
+                return
+            time.sleep(self.delay)
+            yield word + " "
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+
+class FakeSynth:
+    sample_rate = 16000
+
+    def __init__(self, seconds_per_word: float = 0.05) -> None:
+        self.spw = seconds_per_word
+        self.texts: list[str] = []
+
+    def synthesize(self, text: str, cancel: threading.Event):
+        self.texts.append(text)
+        for _ in text.split():
+            if cancel.is_set():
+                return
+            yield np.full(int(self.sample_rate * self.spw), 100, dtype=np.int16)
+
+
+def audio(*parts: tuple[int, float]) -> np.ndarray:
+    return np.concatenate([np.full(int(16000 * s), code, dtype=np.int16) for code, s in parts])
+
+
+def make(cfg: Config | None = None, chat: FakeChat | None = None, synth: FakeSynth | None = None):
+    cfg = cfg or Config()
+    cfg = replace(cfg, stt=replace(cfg.stt, no_speech_timeout_s=1.0))
+    bus = EventBus()
+    events: list = []
+    bus.subscribe(events.append)
+    clock = FeedClock()
+    synth = synth or FakeSynth()
+    speaker = WavSpeaker(synth.sample_rate, None, clock)
+    conv = Conversation(cfg, bus=bus, clock=clock, speaker=speaker, wake=FakeWake(),
+                        recognizer=FakeRecognizer(), chat=chat or FakeChat(), synth=synth)
+    conv.start()
+    return conv, clock, events, speaker
+
+
+def types(events) -> list[str]:
+    return [e.type.value for e in events if e.type.value != "state"]
+
+
+def run(conv, clock, samples, realtime=False):
+    try:
+        feed_wav(conv, clock, samples, realtime=realtime, max_tail_s=20)
+    finally:
+        conv.stop()
+
+
+def test_wake_question_reply_turn() -> None:
+    conv, clock, events, speaker = make()
+    run(conv, clock, audio((SILENCE, 0.5), (WAKE, 0.4), (SILENCE, 0.3), (SPEECH, 1.0), (SILENCE, 0.5)))
+    t = types(events)
+    assert t[:3] == ["wake", "turn.start", "speech.start"]
+    for name in ("transcript.partial", "transcript.final", "reply.final", "tts.start", "tts.end", "turn.end"):
+        assert t.count(name) == (t.count(name) if name == "transcript.partial" else 1), name
+    assert t.index("transcript.final") < t.index("tts.start") < t.index("tts.end") < t.index("turn.end")
+    end = [e for e in events if e.type.value == "turn.end"][0]
+    assert end.data["outcome"] == "done"
+    timings = end.data["timings_ms"]
+    # Endpoint after 10 silent chunks of 20 ms.
+    assert timings["endpoint_delay"] == pytest.approx(200, abs=1)
+    for key in ("stt_final", "llm_first_token", "first_clause", "tts_first_audio", "end_of_speech_to_first_audio"):
+        assert key in timings
+    assert timings["end_of_speech_to_first_audio"] >= timings["tts_first_audio"] >= timings["first_clause"]
+    # All turn events carry the turn's id.
+    ids = {e.turn_id for e in events if e.type.value not in ("state",)}
+    assert len(ids) == 1 and None not in ids
+    # The reply was spoken: 10 words x 50 ms, plus nothing else.
+    assert len(speaker.audio()) == pytest.approx(16000 * 0.05 * 10, abs=400)
+    assert conv.state == State.IDLE
+
+
+def test_partials_prefill_the_llm() -> None:
+    chat = FakeChat()
+    conv, clock, events, _ = make(chat=chat)
+    run(conv, clock, audio((WAKE, 0.3), (SILENCE, 0.1), (SPEECH, 1.0), (SILENCE, 0.5)))
+    partials = [e.data["text"] for e in events if e.type.value == "transcript.partial"]
+    assert len(partials) >= 3
+    assert chat.prefills and chat.prefills[-1] in partials
+
+
+def test_no_wake_no_turn() -> None:
+    conv, clock, events, speaker = make()
+    run(conv, clock, audio((SPEECH, 2.0), (SILENCE, 0.5)))
+    assert types(events) == []
+    assert len(speaker.audio()) == 0
+
+
+def test_wake_then_silence_ends_with_no_speech() -> None:
+    conv, clock, events, _ = make()
+    run(conv, clock, audio((WAKE, 0.3), (SILENCE, 2.0)))
+    end = [e for e in events if e.type.value == "turn.end"]
+    assert [e.data["outcome"] for e in end] == ["no_speech"]
+    assert "reply.final" not in types(events)
+
+
+def test_empty_llm_reply_speaks_fallback() -> None:
+    chat = FakeChat(reply="")
+    synth = FakeSynth()
+    conv, clock, events, speaker = make(chat=chat, synth=synth)
+    run(conv, clock, audio((WAKE, 0.3), (SILENCE, 0.1), (SPEECH, 0.5), (SILENCE, 0.5)))
+    reply = [e for e in events if e.type.value == "reply.final"][0]
+    assert reply.data["text"] == Config().llm.fallback_reply
+    assert synth.texts and " ".join(synth.texts).startswith("Sorry")
+    assert len(speaker.audio()) > 0
+
+
+def test_llm_failure_reports_error_and_recovers() -> None:
+    chat = FakeChat(fail=True)
+    conv, clock, events, _ = make(chat=chat)
+    run(conv, clock, audio((WAKE, 0.3), (SILENCE, 0.1), (SPEECH, 0.5), (SILENCE, 0.5),
+                           (WAKE, 0.3), (SILENCE, 0.1), (SPEECH, 0.5), (SILENCE, 0.5)))
+    errors = [e for e in events if e.type.value == "error"]
+    assert len(errors) == 2 and errors[0].data["code"] == "llm.failed"
+    assert [e.data["outcome"] for e in events if e.type.value == "turn.end"] == ["error", "error"]
+
+
+def test_barge_in_stops_speech_and_starts_new_turn() -> None:
+    # A long reply, interrupted by the wake word while it is being spoken.
+    chat = FakeChat(reply=" ".join(["word"] * 80) + ".", delay=0.0)
+    synth = FakeSynth(seconds_per_word=0.1)
+    conv, clock, events, speaker = make(chat=chat, synth=synth)
+    run(conv, clock, audio((WAKE, 0.3), (SILENCE, 0.1), (SPEECH, 0.5), (SILENCE, 2.5),
+                           (WAKE, 0.3), (SILENCE, 0.1), (SPEECH, 0.5), (SILENCE, 0.5)))
+    t = types(events)
+    assert t.count("wake") == 2 and t.count("barge_in") == 1
+    barge = next(e for e in events if e.type.value == "barge_in")
+    ends = [e for e in events if e.type.value == "turn.end"]
+    assert [e.data["outcome"] for e in ends][:1] == ["barge_in"]
+    interrupted = [e for e in events if e.type.value == "tts.end" and e.data.get("interrupted")]
+    assert interrupted, "the first reply's speech was cut"
+    # Output stopped within 150 ms of audio time after the wake word fired.
+    assert interrupted[0].audio_time - barge.audio_time <= 0.15
+    assert chat.stopped_by_cancel.is_set() or len(synth.texts) < 80
+    # The second turn got its own reply.
+    assert ends[-1].data["outcome"] == "done" and ends[-1].turn_id != ends[0].turn_id
+
+
+def test_push_to_talk_starts_turn_without_wake() -> None:
+    cfg = Config(conversation=ConversationConfig(mode="push-to-talk"))
+    conv, clock, events, _ = make(cfg)
+    samples = audio((WAKE, 0.3), (SILENCE, 0.5), (SPEECH, 0.6), (SILENCE, 0.5))
+    # The wake word does nothing in push-to-talk mode; the button does.
+    conv.push_to_talk()
+    run(conv, clock, samples)
+    t = types(events)
+    assert "wake" not in t
+    assert t.count("turn.start") == 1 and "transcript.final" in t and "reply.final" in t
+
+
+def test_follow_up_window_listens_without_wake() -> None:
+    cfg = Config(conversation=ConversationConfig(follow_up_s=2.0))
+    conv, clock, events, _ = make(cfg)
+    run(conv, clock, audio((WAKE, 0.3), (SILENCE, 0.1), (SPEECH, 0.5), (SILENCE, 1.5),
+                           (SPEECH, 0.5), (SILENCE, 3.5)))
+    starts = [e.data["trigger"] for e in events if e.type.value == "turn.start"]
+    assert starts[:2] == ["wake", "follow-up"]
+    assert types(events).count("reply.final") == 2
+    # The memory carried over: the second question saw the first exchange.
+    assert len(conv.chat.calls[1][0]) == 2
+
+
+def test_say_and_ask_text_turns() -> None:
+    chat = FakeChat()
+    conv, clock, events, speaker = make(chat=chat)
+    conv.say("Attention please, the booth closes soon.")
+    deadline = time.monotonic() + 10
+    while not conv.idle() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    conv.ask("what time is it")
+    while not conv.idle() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    conv.stop()
+    ends = [e for e in events if e.type.value == "turn.end"]
+    assert [e.data["trigger"] for e in ends] == ["say", "ask"]
+    assert all(e.data["outcome"] == "done" for e in ends)
+    assert chat.calls[-1][1] == "what time is it"
+    assert "end_of_speech_to_first_audio" in ends[1].data["timings_ms"]
+
+
+def test_cancel_and_mute() -> None:
+    chat = FakeChat(reply=" ".join(["word"] * 200), delay=0.01)
+    conv, clock, events, _ = make(chat=chat)
+    conv.ask("tell me a long story")
+    time.sleep(0.3)
+    assert conv.cancel()
+    conv.mute()
+    assert not conv.cancel()
+    conv.stop()
+    ends = [e for e in events if e.type.value == "turn.end"]
+    assert [e.data["outcome"] for e in ends] == ["cancelled"]
