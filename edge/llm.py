@@ -1,0 +1,75 @@
+"""The LLM stage: a chat model that streams a reply, token by token, from one worker thread.
+
+``make_chat_model(cfg, gguf_path)`` loads a GGUF with llama-cpp-python (``edge-voice[llm]``).
+The prompt is rendered from the model's own chat template (see ``edge.llm_template``), and the
+KV cache is managed here, not by llama-cpp-python's chat API:
+
+* ``warm(system_prompt)`` evaluates the system prompt once; every turn reuses it (and any
+  earlier turns that are still a prefix of the new prompt);
+* ``prefill(history, partial)`` evaluates the part of the next prompt that is already certain
+  while the visitor is still speaking;
+* ``stream(...)`` evaluates only what is new, then yields text pieces, stopping on the
+  template's end tokens, on ``cancel``, at ``deadline`` or after ``max_tokens``.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Protocol
+
+from edge.llm_template import Message
+
+if TYPE_CHECKING:
+    from edge.config import LlmConfig
+
+__all__ = ["ChatModel", "Message", "ReplyStats", "make_chat_model"]
+
+
+class ChatModel(Protocol):
+    def warm(self, system_prompt: str) -> None:
+        """Evaluate the system prompt once; its KV is reused by every turn."""
+
+    def prefill(self, history: list[Message], user_text: str) -> None:
+        """Evaluate the certain part of the next prompt (all but the last, maybe partial, word)."""
+
+    def stream(self, history: list[Message], user_text: str, *, cancel: threading.Event,
+               max_tokens: int | None = None, deadline: float | None = None) -> Iterator[str]:
+        """Yield the reply as whole-character text pieces.
+
+        ``max_tokens`` None means the config's; ``deadline`` (``time.monotonic()`` time) None
+        means now + the config's ``reply_timeout_s``.
+        """
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class ReplyStats:
+    """What the last ``stream`` call did, for metrics and logs."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV was already there (system prompt, prefill)
+    evaluated_tokens: int = 0  # prompt tokens evaluated by this call
+    generated_tokens: int = 0
+    dropped_messages: int = 0  # oldest history messages left out to fit the context
+    prompt_s: float = 0.0  # evaluating the new prompt tokens
+    first_piece_s: float | None = None  # from the call to the first text piece
+    total_s: float = 0.0
+    stop: str = ""  # end | max_tokens | cancel | deadline | superseded
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generation speed after the first token."""
+        gen_s = self.total_s - self.prompt_s
+        return (self.generated_tokens - 1) / gen_s if self.generated_tokens > 1 and gen_s > 0 else 0.0
+
+
+def make_chat_model(cfg: "LlmConfig", gguf_path: Path) -> ChatModel:
+    """Load ``gguf_path``; raises ModelError naming the file, MissingDependency without llama_cpp."""
+    from edge.llm_llama import LlamaChatModel
+
+    return LlamaChatModel(cfg, Path(gguf_path))

@@ -1,0 +1,391 @@
+"""llama-cpp-python backend of the chat stage, driving the KV cache through the low-level API."""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import os
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from edge.config import LlmConfig
+from edge.errors import MissingDependency, ModelError, StageError
+from edge.llm import ReplyStats
+from edge.llm_template import ChatFormat, Message, PromptBuilder, choose_format
+
+_LOGGER = logging.getLogger(__name__)
+
+# Prompt tokens are evaluated in slices this long so that cancel and the deadline are checked
+# between slices. For a Phi-3-mini on two x86 cores a slice takes about 1 s and costs ~2% of
+# prompt throughput against one 128-token batch; smaller slices would lose batch efficiency.
+EVAL_SLICE = 32
+# A prefill call evaluates at most this many tokens, so a stream() that follows it waits little.
+PREFILL_MAX_TOKENS = 64
+
+_KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # GGML_TYPE_*
+_LOG_LEVEL_WARN, _LOG_LEVEL_ERROR, _LOG_LEVEL_CONT = 3, 4, 5  # ggml_log_level
+_log_tail: deque[str] = deque(maxlen=6)
+_log_hook: Any = None
+_log_last_level = 0
+
+
+def _import_llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise MissingDependency.for_module("llama_cpp", "llm") from None
+    _install_log_hook(llama_cpp)
+    return llama_cpp
+
+
+def _install_log_hook(llama_cpp: Any) -> None:
+    """Route llama.cpp's log to ours: warnings to the log, errors kept for the error message."""
+    global _log_hook
+    if _log_hook is not None:
+        return
+
+    def hook(level: int, text: bytes, _user: Any) -> None:
+        global _log_last_level
+        if level == _LOG_LEVEL_CONT:
+            level = _log_last_level
+        _log_last_level = level
+        msg = text.decode("utf-8", "replace").strip()
+        if not msg:
+            return
+        if level == _LOG_LEVEL_ERROR:
+            _log_tail.append(msg)
+            _LOGGER.debug("llama.cpp: %s", msg)
+        elif level == _LOG_LEVEL_WARN:
+            _LOGGER.warning("llama.cpp: %s", msg)
+
+    _log_hook = llama_cpp.llama_log_callback(hook)  # kept referenced: C holds the pointer
+    llama_cpp.llama_log_set(_log_hook, ctypes.c_void_p(0))
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class LlamaChatModel:
+    """A ChatModel over one ``llama_cpp.Llama``; all calls come from one worker thread,
+    ``cancel`` may be set from any thread and ``close`` may come from another."""
+
+    def __init__(self, cfg: LlmConfig, gguf_path: Path) -> None:
+        llama_cpp = _import_llama_cpp()
+        self._lib = llama_cpp
+        self.cfg = cfg
+        self.path = gguf_path
+        if not gguf_path.is_file():
+            raise ModelError(f"{gguf_path}: LLM model file not found; install the model or fix llm.model",
+                             code="model.missing")
+        n_threads = cfg.n_threads or os.cpu_count() or 1
+        n_threads_batch = cfg.n_threads_batch or n_threads
+        flash_attn = cfg.flash_attn
+        if cfg.kv_type != "f16" and not flash_attn:
+            # llama.cpp cannot quantize the V cache without flash attention.
+            _LOGGER.info("llm.kv_type = %s needs flash attention; enabling it", cfg.kv_type)
+            flash_attn = True
+        _log_tail.clear()
+        t0 = time.monotonic()
+        try:
+            self._llm = llama_cpp.Llama(
+                model_path=str(gguf_path), n_ctx=cfg.n_ctx, n_batch=cfg.n_batch, n_ubatch=cfg.n_batch,
+                n_threads=n_threads, n_threads_batch=n_threads_batch, n_gpu_layers=cfg.n_gpu_layers,
+                use_mmap=cfg.use_mmap, flash_attn=flash_attn, type_k=_KV_TYPES[cfg.kv_type],
+                type_v=_KV_TYPES[cfg.kv_type], seed=self._seed(), verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as err:
+            detail = _log_tail[0] if _log_tail else str(err)
+            if "context" in str(err):  # the weights loaded; the settings do not fit them
+                raise ModelError(f"{gguf_path}: cannot set up the LLM with these settings ({detail}); "
+                                 f"check llm.n_ctx, llm.kv_type and llm.n_gpu_layers",
+                                 code="model.context") from None
+            raise ModelError(f"{gguf_path}: cannot load the LLM model ({detail}); re-install it or "
+                             f"choose another model", code="model.invalid") from None
+        try:
+            self._setup(gguf_path)
+        except BaseException:
+            self._llm.close()
+            raise
+        _LOGGER.info("LLM %s loaded in %.1f s: chat format %s, n_ctx %d, %d/%d threads, stop tokens %s",
+                     gguf_path.name, time.monotonic() - t0, self.format.origin, self.n_ctx, n_threads,
+                     n_threads_batch, sorted(self._stop_ids))
+
+    def _setup(self, gguf_path: Path) -> None:
+        cfg = self.cfg
+        self._vocab = self._lib.llama_model_get_vocab(self._llm.model)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._turn = 0
+        self._system = cfg.system_prompt
+        self.n_ctx = self._llm.n_ctx()
+        self.last_stats = ReplyStats()
+        self._bos_text, self._add_bos = self._bos()
+        meta = self._llm.metadata
+        eos_text = self._text(self._llm.token_eos())
+        self.format: ChatFormat = choose_format(meta.get("tokenizer.chat_template"), cfg.chat_template,
+                                                bos_token=self._bos_text, eos_token=eos_text,
+                                                where=str(gguf_path))
+        self._prompts = PromptBuilder(self.format, bos_token=self._bos_text, eos_token=eos_text)
+        self._stop_ids = self._stop_tokens()
+        n_train = self._lib.llama_model_n_ctx_train(self._llm.model)
+        if cfg.n_ctx > n_train:
+            _LOGGER.warning("%s: llm.n_ctx = %d is beyond the model's trained context of %d tokens",
+                            gguf_path, cfg.n_ctx, n_train)
+
+    # -- setup helpers ---------------------------------------------------------------------
+
+    def _seed(self) -> int:
+        return self._lib.LLAMA_DEFAULT_SEED if self.cfg.seed < 0 else self.cfg.seed & 0xFFFFFFFF
+
+    def _text(self, token: int) -> str:
+        """A token's text as stored in the vocabulary ("" for none)."""
+        return self._lib.llama_vocab_get_text(self._vocab, token).decode("utf-8", "replace") if token >= 0 else ""
+
+    def _bos(self) -> tuple[str, bool]:
+        bos = self._llm.token_bos()
+        return self._text(bos), bool(self._lib.llama_vocab_get_add_bos(self._vocab)) and bos >= 0
+
+    def _single_token(self, text: str) -> int | None:
+        ids = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return ids[0] if len(ids) == 1 and self._text(ids[0]) == text else None
+
+    def _stop_tokens(self) -> frozenset[int]:
+        ids = {self._llm.token_eos(), self._lib.llama_vocab_eot(self._vocab)}
+        missing = []
+        for text in self.format.stop_texts:
+            tok = self._single_token(text)
+            if tok is None:
+                missing.append(text)
+            else:
+                ids.add(tok)
+        if self.format.stop_texts[0] in missing:
+            _LOGGER.warning("%s: the vocabulary has no %s token for the %s chat format; replies end only "
+                            "at the model's end-of-sequence token", self.path, self.format.stop_texts[0],
+                            self.format.family)
+        return frozenset(i for i in ids if i >= 0)
+
+    # -- tokens and KV cache ---------------------------------------------------------------
+
+    def _tokenize_prompt(self, text: str) -> list[int]:
+        add_bos = self._add_bos and not (self._bos_text and text.startswith(self._bos_text))
+        with self._lock:
+            self._check_open()
+            return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StageError("the LLM model is closed", code="llm.closed")
+
+    def _reuse(self, tokens: Sequence[int], keep_last: bool) -> int:
+        """Keep the cached KV prefix shared with ``tokens``; returns its length.
+
+        With ``keep_last`` at least the last token is re-evaluated so its logits exist (and
+        whatever follows it is dropped); without, a cache that already holds all of ``tokens``
+        is left as it is, so warming or prefilling never discards a longer conversation.
+        """
+        llm = self._llm
+        with self._lock:
+            self._check_open()
+            n = _common_prefix(llm.input_ids[: llm.n_tokens].tolist(), tokens)
+            if keep_last:
+                n = min(n, len(tokens) - 1)
+            elif n == len(tokens):
+                return n
+            if n < llm.n_tokens:
+                if not llm._ctx.kv_cache_seq_rm(-1, n, -1):
+                    n = 0
+                    llm.reset()
+                llm.n_tokens = n
+        return n
+
+    def _eval(self, tokens: Sequence[int], stopped: Callable[[], str | None] | None = None,
+              turn: int | None = None) -> str | None:
+        """Evaluate in slices; returns why it stopped early, or None when all were evaluated."""
+        for i in range(0, len(tokens), EVAL_SLICE):
+            why = stopped() if stopped else None
+            if why is None and turn is not None and turn != self._turn:
+                why = "superseded"
+            if why:
+                return why
+            with self._lock:
+                self._check_open()
+                self._decode(tokens[i:i + EVAL_SLICE])
+        return None
+
+    def _decode(self, tokens: Sequence[int]) -> None:
+        try:
+            self._llm.eval(tokens)
+        except RuntimeError as err:
+            # The KV cache now holds an unknown part of the slice: forget it all.
+            self._llm.reset()
+            self._llm._ctx.kv_cache_clear()
+            raise StageError(f"LLM evaluation failed: {err}", code="llm.decode") from None
+
+    def _piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def _sampler(self) -> Any:
+        lib = self._lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if self.cfg.temperature <= 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+        else:
+            # llama-cpp-python's own defaults for top-k and min-p.
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(40))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(self.cfg.top_p, 1))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(0.05, 1))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(self.cfg.temperature))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(self._seed()))
+        return chain
+
+    def _fit(self, history: Sequence[Message], user_text: str, max_new: int) -> tuple[list[int], int, int]:
+        """Prompt tokens, dropping the oldest history until the reply fits in the context."""
+        history = list(history)
+        dropped = 0
+        while True:
+            try:
+                text = self._prompts.prompt(self._system, history, user_text)
+            except Exception as err:  # a template's raise_exception, e.g. on roles out of order
+                raise StageError(f"the chat template cannot render this conversation: {err}",
+                                 code="llm.template") from None
+            tokens = self._tokenize_prompt(text)
+            room = self.n_ctx - len(tokens)
+            if room >= max_new or not history:
+                break
+            history.pop(0)
+            dropped += 1
+            while history and history[0].get("role") != "user":  # keep turns whole
+                history.pop(0)
+                dropped += 1
+        if room < 1:
+            raise StageError(f"the question and system prompt take {len(tokens)} tokens, more than "
+                             f"llm.n_ctx = {self.n_ctx} allows", code="llm.context_full")
+        if dropped:
+            _LOGGER.warning("dropped the %d oldest history messages to fit llm.n_ctx = %d", dropped, self.n_ctx)
+        return tokens, min(max_new, room), dropped
+
+    # -- ChatModel ---------------------------------------------------------------------------
+
+    def warm(self, system_prompt: str) -> None:
+        self._turn += 1  # changes the KV cache: an unfinished stream must not continue
+        self._system = system_prompt
+        t0 = time.monotonic()
+        # The last token of the head may merge with the first word of a question.
+        tokens = self._tokenize_prompt(self._prompts.head(system_prompt, []))[:-1]
+        n = self._reuse(tokens, keep_last=False)
+        self._eval(tokens[n:])
+        _LOGGER.info("system prompt: %d tokens (%d evaluated) in %.2f s", len(tokens), len(tokens) - n,
+                     time.monotonic() - t0)
+
+    def prefill(self, history: list[Message], user_text: str) -> None:
+        self._turn += 1
+        words = user_text.strip()
+        # Only whole words followed by another word are certain; the last one may still grow.
+        cut = max(words.rfind(" "), 0)
+        head = self._prompts.head(self._system, history)
+        text = head + words[:cut] if cut else head
+        tokens = self._tokenize_prompt(text)[:-1]
+        n = self._reuse(tokens, keep_last=False)
+        self._eval(tokens[n:n + PREFILL_MAX_TOKENS])
+
+    def stream(self, history: list[Message], user_text: str, *, cancel: threading.Event,
+               max_tokens: int | None = None, deadline: float | None = None) -> Iterator[str]:
+        t0 = time.monotonic()
+        self._turn += 1
+        turn = self._turn
+        deadline = t0 + self.cfg.reply_timeout_s if deadline is None else deadline
+        tokens, max_new, dropped = self._fit(history, user_text, max_tokens or self.cfg.max_tokens)
+        stats = self.last_stats = ReplyStats(prompt_tokens=len(tokens), dropped_messages=dropped)
+        return self._generate(tokens, max_new, cancel, deadline, turn, stats, t0)
+
+    def _generate(self, tokens: list[int], max_new: int, cancel: threading.Event, deadline: float,
+                  turn: int, stats: ReplyStats, t0: float) -> Iterator[str]:
+        def stopped() -> str | None:
+            if cancel.is_set():
+                return "cancel"
+            if time.monotonic() >= deadline:
+                return "deadline"
+            return None
+
+        lib, llm = self._lib, self._llm
+        chain = None
+        why: str | None = None
+        try:
+            if turn != self._turn:
+                why = "superseded"
+                return
+            stats.cached_tokens = self._reuse(tokens, keep_last=True)
+            why = self._eval(tokens[stats.cached_tokens:], stopped, turn)
+            stats.evaluated_tokens = llm.n_tokens - stats.cached_tokens
+            stats.prompt_s = time.monotonic() - t0
+            chain = self._sampler()
+            decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            started = False
+            while why is None:
+                with self._lock:
+                    self._check_open()
+                    token = lib.llama_sampler_sample(chain, llm.ctx, -1)
+                    end = token in self._stop_ids or lib.llama_vocab_is_eog(self._vocab, token)
+                    piece = b"" if end else self._piece(token)
+                if end:
+                    why = "end"
+                    break
+                stats.generated_tokens += 1
+                text = decoder.decode(piece)
+                if not started:
+                    text = text.lstrip()  # SentencePiece's leading space, or a template's newline
+                    started = bool(text)
+                if text:
+                    if stats.first_piece_s is None:
+                        stats.first_piece_s = time.monotonic() - t0
+                    yield text
+                why = stopped() or ("superseded" if turn != self._turn else None)
+                if why is None and stats.generated_tokens >= max_new:
+                    why = "max_tokens"
+                if why is None:
+                    why = self._eval([token])
+        except BaseException:
+            why = why or "error"
+            raise
+        finally:
+            if chain is not None:
+                lib.llama_sampler_free(chain)
+            stats.stop = why or "abandoned"
+            stats.total_s = time.monotonic() - t0
+            _LOGGER.info("reply: %d tokens, stop %s; prompt %d tokens (%d cached) in %.2f s; first piece "
+                         "%s s; %.1f tokens/s", stats.generated_tokens, stats.stop, stats.prompt_tokens,
+                         stats.cached_tokens, stats.prompt_s,
+                         "-" if stats.first_piece_s is None else f"{stats.first_piece_s:.2f}",
+                         stats.tokens_per_s)
+
+    def count_tokens(self, text: str) -> int:
+        with self._lock:
+            self._check_open()
+            return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens whose KV is currently held."""
+        return int(self._llm.n_tokens)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._llm.close()
