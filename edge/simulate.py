@@ -64,6 +64,8 @@ class SimResult:
     events: list[Event] = field(default_factory=list)
     reply_audio: np.ndarray | None = None
     reply_rate: int = 0
+    # (speaker utterance generation, audio time, samples) of every block the speaker played
+    played: list[tuple[int, float, int]] = field(default_factory=list)
 
 
 def feed_wav(conv: Conversation, clock: FeedClock, samples: np.ndarray, *, realtime: bool,
@@ -158,6 +160,7 @@ def simulate(cfg: Config, input_wav: str | Path, output_wav: str | Path | None, 
             stages.close()
     result.reply_audio = speaker.audio()
     result.reply_rate = rate
+    result.played = list(speaker.played)
     return result
 
 

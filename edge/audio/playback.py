@@ -57,6 +57,7 @@ class QueuedSpeaker:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="speaker", daemon=True)
         self._thread_started = False
+        self.playing_gen = 0
 
     # -- producer side -------------------------------------------------------------
     def begin(self, on_start: Callable[[float], None] | None = None) -> int:
@@ -130,6 +131,7 @@ class QueuedSpeaker:
                 if gen != self._gen:
                     continue
                 self._playing = True
+                self.playing_gen = gen
                 on_start = None
                 if not self._started:
                     self._started, on_start = True, self._on_start
@@ -175,7 +177,9 @@ class WavSpeaker(QueuedSpeaker):
         self._gap = np.zeros(int(rate * gap_s), dtype=np.int16)
         self._pieces: list[np.ndarray] = []
         self._next_due = 0.0
-        self.last_output_audio_time: float | None = None
+        # (utterance generation, audio time it played at, samples) for every block played,
+        # so a test can say when, on the microphone's timeline, output really stopped.
+        self.played: list[tuple[int, float, int]] = []
 
     def begin(self, on_start: Callable[[float], None] | None = None) -> int:
         if self._pieces:
@@ -193,7 +197,7 @@ class WavSpeaker(QueuedSpeaker):
             self._next_due += len(block) / self.rate
         self._pieces.append(block)
         if self._clock is not None:
-            self.last_output_audio_time = self._clock.now()
+            self.played.append((self.playing_gen, self._clock.now(), len(block)))
 
     def audio(self) -> np.ndarray:
         return np.concatenate(self._pieces) if self._pieces else np.zeros(0, dtype=np.int16)

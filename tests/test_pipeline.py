@@ -1,0 +1,150 @@
+"""The whole pipeline on real dev-profile models: wake word → STT → LLM → TTS.
+
+Conversations are spoken by the Piper dev voice (see ``voice.py``). The main test runs
+``edge-voice simulate`` in a subprocess exactly as a user would; the others run the same
+``simulate()`` in-process to look at the speaker's timeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge.audio.wav import write_wav
+from edge.config import load_config
+from edge.simulate import simulate
+from voice import Ears, conversation, wer, words
+
+REPO = Path(__file__).resolve().parents[1]
+DEV = REPO / "config" / "dev.toml"
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def ears() -> Ears:
+    return Ears()
+
+
+def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def events_of(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+def of_type(events: list[dict], kind: str) -> list[dict]:
+    return [e for e in events if e["type"] == kind]
+
+
+def test_simulate_answers_a_spoken_question(tmp_path: Path, ears: Ears) -> None:
+    wav = tmp_path / "conversation.wav"
+    write_wav(wav, conversation(0.7, "Hey Jarvis.", 0.4, QUESTION, 1.5), 16000)
+    out = tmp_path / "reply.wav"
+    proc = run_cli("simulate", "--config", str(DEV), "--input", str(wav), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    events = events_of(proc.stdout)
+    assert len(of_type(events, "wake")) == 1
+    assert of_type(events, "wake")[0]["word"] == "hey_jarvis"
+    finals = of_type(events, "transcript.final")
+    assert len(finals) == 1 and wer(QUESTION, finals[0]["text"]) <= 0.1, finals
+    reply = of_type(events, "reply.final")[0]["text"]
+    assert words(reply), "the reply has words"
+    for kind in ("tts.start", "tts.end"):
+        assert len(of_type(events, kind)) == 1
+    end = of_type(events, "turn.end")[0]
+    assert end["outcome"] == "done"
+    timings = end["timings_ms"]
+    for key in ("stt_final", "llm_first_token", "tts_first_audio", "end_of_speech_to_first_audio"):
+        assert 0 < timings[key] < 30000, (key, timings)
+    # Every event names its turn and its time.
+    turn = end["turn_id"]
+    assert all(e["turn_id"] == turn and e["time"] > 0 for e in events if e["type"] != "state")
+    # The reply audio is there and says the reply.
+    with wave.open(str(out)) as w:
+        rate, audio = w.getframerate(), np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
+    assert len(audio) / rate > 0.5
+    heard = ears.hear(audio, rate)
+    assert wer(reply, heard) <= 0.35, (reply, heard)
+
+
+def test_speech_without_the_wake_word_gives_no_turn(tmp_path: Path) -> None:
+    wav = tmp_path / "no-wake.wav"
+    write_wav(wav, conversation(0.5, QUESTION, 0.5, "The quick brown fox jumps over the lazy dog.", 1.0), 16000)
+    proc = run_cli("simulate", "--config", str(DEV), "--input", str(wav))
+    assert proc.returncode == 0, proc.stderr
+    events = events_of(proc.stdout)
+    assert not [e for e in events if e["type"] != "state"], events
+
+
+def test_silence_and_noise_give_no_turn(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    noise = (rng.standard_normal(16000 * 3) * 3000).astype(np.int16)
+    wav = tmp_path / "noise.wav"
+    write_wav(wav, np.concatenate([np.zeros(16000, np.int16), noise, np.zeros(16000, np.int16)]), 16000)
+    proc = run_cli("simulate", "--config", str(DEV), "--input", str(wav))
+    assert proc.returncode == 0, proc.stderr
+    assert not [e for e in events_of(proc.stdout) if e["type"] != "state"]
+
+
+def test_barge_in_stops_the_reply_and_starts_a_new_turn(tmp_path: Path) -> None:
+    cfg = load_config(DEV)
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(
+        cfg.llm, max_tokens=120,
+        system_prompt="You are a storyteller. Always answer with a long story of at least five sentences."))
+    # The second "hey jarvis" comes while the first (long) reply is being spoken.
+    audio = conversation(0.5, "Hey Jarvis.", 0.4, "Tell me a story about a dragon.", 4.0,
+                         "Hey Jarvis.", 0.4, QUESTION, 2.0)
+    wav = tmp_path / "barge.wav"
+    write_wav(wav, audio, 16000)
+    result = simulate(cfg, wav, None)
+    ev = [e.as_dict() for e in result.events]
+    barge = of_type(ev, "barge_in")
+    assert len(barge) == 1, [e["type"] for e in ev]
+    assert len(of_type(ev, "wake")) == 2
+    first_gen_blocks = [(t, n) for gen, t, n in result.played if gen == result.played[0][0]]
+    stopped_at = max(t + n / result.reply_rate for t, n in first_gen_blocks)
+    assert stopped_at - barge[0]["audio_time"] <= 0.15, (stopped_at, barge[0])
+    interrupted = [e for e in of_type(ev, "tts.end") if e["interrupted"]]
+    assert len(interrupted) == 1
+    ends = of_type(ev, "turn.end")
+    assert [e["outcome"] for e in ends] == ["barge_in", "done"]
+    finals = of_type(ev, "transcript.final")
+    assert wer(QUESTION, finals[-1]["text"]) <= 0.1
+
+
+def test_streaming_engine_runs_in_the_pipeline(tmp_path: Path) -> None:
+    """The production STT engine, on a random-weight streaming model: partials and an endpoint."""
+    from synth_streaming import build_nemo_ctc_streaming
+
+    from edge.config import SttConfig
+    from edge.stages import load_stages
+    from edge.stt import make_recognizer
+
+    files = build_nemo_ctc_streaming(tmp_path / "stt")
+    cfg = load_config(DEV)
+    cfg = dataclasses.replace(cfg, stt=SttConfig(engine="streaming", model="synthetic", endpoint_silence_s=0.6))
+    stages = load_stages(cfg, roles=("wake", "llm", "tts"))
+    stages.recognizer = make_recognizer(cfg.stt, files, None)
+    wav = tmp_path / "streaming.wav"
+    write_wav(wav, conversation(0.5, "Hey Jarvis.", 0.4, QUESTION, 2.0), 16000)
+    try:
+        result = simulate(cfg, wav, None, stages=stages)
+    finally:
+        stages.close()
+    kinds = [e.type.value for e in result.events]
+    assert kinds.count("wake") == 1
+    assert "transcript.partial" in kinds
+    end = [e for e in result.events if e.type.value == "turn.end"][0]
+    # Random weights give random text, maybe none; either way the turn ends cleanly.
+    assert end.data["outcome"] in ("done", "no_speech")
+    if end.data["outcome"] == "done":
+        assert "reply.final" in kinds and "tts.end" in kinds
