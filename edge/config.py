@@ -240,10 +240,16 @@ SECTIONS: dict[str, type] = {k: v for k, v in get_type_hints(Config).items() if 
 
 
 class _Where:
-    def __init__(self, source: str) -> None:
+    """Where a value came from: the file, or the environment variable that overrode it."""
+
+    def __init__(self, source: str, origins: Mapping[str, str] | None = None) -> None:
         self.source = source
+        self.origins = origins or {}
 
     def error(self, key: str, why: str) -> ConfigError:
+        origin = self.origins.get(key)
+        if origin:
+            return ConfigError(f"environment variable {origin}: {key}: {why}")
         return ConfigError(f"{self.source}: {key}: {why}")
 
 
@@ -276,8 +282,9 @@ def _coerce(value: Any, typ: Any, key: str, meta: Mapping[str, Any], where: _Whe
     return value
 
 
-def build_section(cls: type, table: Any, name: str, source: str = "config") -> Any:
-    where = _Where(source)
+def build_section(cls: type, table: Any, name: str, source: str = "config",
+                  origins: Mapping[str, str] | None = None) -> Any:
+    where = _Where(source, origins)
     if not isinstance(table, dict):
         raise where.error(name, "expected a table")
     hints = get_type_hints(cls)
@@ -289,10 +296,13 @@ def build_section(cls: type, table: Any, name: str, source: str = "config") -> A
     return cls(**values)
 
 
-def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """``EDGE_VOICE_LLM__N_CTX=4096`` → ``{"llm": {"n_ctx": 4096}}``; values parse as TOML."""
+def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """``EDGE_VOICE_LLM__N_CTX=4096`` → ``{"llm": {"n_ctx": 4096}}``; values parse as TOML.
+
+    Also returns ``{"llm.n_ctx": "EDGE_VOICE_LLM__N_CTX"}`` so errors can name the variable.
+    """
     out: dict[str, dict[str, Any]] = {}
-    names = []
+    names: dict[str, str] = {}
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
@@ -302,7 +312,7 @@ def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, dict[str, Any]
         except tomllib.TOMLDecodeError:
             value = raw  # a bare word is a string
         out.setdefault(section, {})[key] = value
-        names.append(name)
+        names[f"{section}.{key}"] = name
     return out, names
 
 
@@ -324,7 +334,7 @@ def load_config(path: str | os.PathLike | None, environ: Mapping[str, str] | Non
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{p}: not valid TOML: {err}") from None
-    overrides, _ = _env_overrides(environ)
+    overrides, origins = _env_overrides(environ)
     for section, values in overrides.items():
         if section not in SECTIONS:
             raise ConfigError(f"environment: {ENV_PREFIX}{section.upper()}__...: unknown section "
@@ -336,7 +346,8 @@ def load_config(path: str | os.PathLike | None, environ: Mapping[str, str] | Non
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"{source}: {unknown[0]}: unknown section (known: {', '.join(SECTIONS)})")
-    sections = {name: build_section(cls, data.get(name, {}), name, source) for name, cls in SECTIONS.items()}
+    sections = {name: build_section(cls, data.get(name, {}), name, source, origins)
+                for name, cls in SECTIONS.items()}
     cfg = Config(**sections, source=source)
     for key, value in (("device.id", cfg.device.id), ("mqtt.device_id", cfg.mqtt.device_id)):
         if value and not DEVICE_ID_RE.match(value):
