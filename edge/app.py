@@ -21,7 +21,9 @@ from edge.config import Config
 from edge.conversation import Conversation
 from edge.errors import AudioError, EdgeError
 from edge.events import Event, EventBus, EventType
+from edge.logs import MessageId, log_fields
 from edge.stages import Stages, load_stages
+from edge.systemd import Status
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class Daemon:
 
     # -- status ----------------------------------------------------------------------
     def status(self, text: str, state: str | None = None) -> None:
+        text = str(text)
         if text != self._status_text:
             self._status_text = text
             self.notifier.status(text)
@@ -84,8 +87,11 @@ class Daemon:
         signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
         try:
             self._start()
-            self.notifier.ready()
-            self.status("listening", "online")
+            self.notifier.ready()  # READY=1 with STATUS=listening
+            self._status_text = Status.LISTENING.value
+            if self.bridge is not None:
+                self.bridge.set_state("online")
+            _LOGGER.info("ready", extra=log_fields(message_id=MessageId.READY))
             while not self.stop_event.wait(0.5):
                 if self._audio_thread is not None and not self._audio_thread.is_alive():
                     _LOGGER.error("audio loop ended unexpectedly")
@@ -96,8 +102,12 @@ class Daemon:
 
     def _start(self) -> None:
         cfg = self.cfg
-        self.status("loading models")
+        _LOGGER.info("edge-voice %s starting as %s; notify backend: %s", __version__, cfg.device_id,
+                     self.notifier.backend, extra=log_fields(message_id=MessageId.STARTING))
+        self.status(Status.LOADING_MODELS)
         self.stages = load_stages(cfg)
+        _LOGGER.info("models loaded: %s", self.stages.load_ms,
+                     extra=log_fields(stage="models", message_id=MessageId.MODEL_LOADED))
         if cfg.mqtt.enabled:
             from edge.mqtt.client import MqttBridge
 
@@ -132,8 +142,10 @@ class Daemon:
                 return
             except AudioError as err:
                 self.mic_state = "lost"
-                self.status(f"mic lost — retrying in {backoff:.0f} s ({err.message})", "mic_lost")
-                self.notifier.watchdog()  # still alive: retrying is progress, not a hang
+                self.status(Status.MIC_LOST, "mic_lost")
+                _LOGGER.warning("microphone unavailable (%s); retrying in %.1f s", err.message, backoff,
+                                extra=log_fields(stage="audio", message_id=MessageId.MIC_LOST))
+                self.watchdog.progress()  # still alive: retrying is progress, not a hang
                 self.stop_event.wait(backoff)
                 backoff = min(backoff * 2, self.cfg.audio.reopen_backoff_max_s)
         raise AudioError("stopped before the microphone opened", code="audio.cancelled")
@@ -166,12 +178,14 @@ class Daemon:
         except Exception:
             _LOGGER.exception("closing the microphone failed")
         self.mic_state = "lost"
-        self.status("mic lost — retrying", "mic_lost")
+        self.status(Status.MIC_LOST, "mic_lost")
+        _LOGGER.warning("microphone lost", extra=log_fields(stage="audio", message_id=MessageId.MIC_LOST))
         try:
             self._open_mic_until_ready()
         except AudioError:
             return
-        self.status("listening", "online")
+        _LOGGER.info("microphone back", extra=log_fields(stage="audio", message_id=MessageId.MIC_RESTORED))
+        self.status(Status.LISTENING, "online")
 
     # -- reload ----------------------------------------------------------------------
     def reload_models(self) -> None:
@@ -195,7 +209,8 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self.notifier.stopping()
-        self.status("stopping", None)
+        self._status_text = Status.STOPPING.value
+        _LOGGER.info("stopping", extra=log_fields(message_id=MessageId.STOPPING))
         self.stop_event.set()
         if self._audio_thread is not None:
             self._audio_thread.join(timeout=3)
@@ -210,7 +225,7 @@ class Daemon:
             self.bridge.stop(timeout=5.0)
         if self.stages is not None:
             self.stages.close()
-        _LOGGER.info("stopped")
+        _LOGGER.info("stopped", extra=log_fields(message_id=MessageId.STOPPED))
 
 
 class DaemonController:
@@ -289,10 +304,10 @@ def _log_event(event: Event) -> None:
     if event.type in (EventType.TRANSCRIPT_FINAL, EventType.REPLY_FINAL, EventType.WAKE,
                       EventType.ERROR, EventType.BARGE_IN):
         _LOGGER.info("%s %s", event.type.value, {k: v for k, v in event.data.items() if k != "timings_ms"},
-                     extra={"TURN_ID": event.turn_id or "", "STAGE": event.type.value})
+                     extra=log_fields(turn_id=event.turn_id, stage=event.type.value))
     elif event.type == EventType.TURN_END:
         _LOGGER.info("turn.end %s %s", event.data.get("outcome"), event.data.get("timings_ms"),
-                     extra={"TURN_ID": event.turn_id or "", "STAGE": "turn"})
+                     extra=log_fields(turn_id=event.turn_id, stage="turn"))
 
 
 def run_daemon(cfg: Config) -> int:

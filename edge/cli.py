@@ -100,8 +100,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_check(cfg)
     if cmd == "run":
         from edge.app import run_daemon
+        from edge.config import load_config
+        from edge.logs import setup_logging
 
-        cfg = _load(args)
+        cfg = load_config(args.config)
+        # Under systemd: structured entries in the journal; otherwise plain lines on stderr.
+        setup_logging(args.log_level or cfg.logging.level, cfg.device_id)
         return run_daemon(cfg)
     raise AssertionError(cmd)
 

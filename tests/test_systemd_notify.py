@@ -214,11 +214,20 @@ def _standin_command(audio: Path, fallback: bool) -> list[str]:
     return [sys.executable, str(STANDIN), "--audio", str(audio)] + (["--fallback"] if fallback else [])
 
 
-# The real daemon plugs in here once edge/app.py exists: a second launcher returning
-# `[sys.executable, "-m", "edge", "run", "--config", <dev-profile config>]` whose microphone
-# reads the FIFO (`audio` below) as a raw/WAV stream, with the dev models. The FIFO is what
-# stalls the audio loop, so the daemon needs no test hook; the assertions below stay as they are.
-LAUNCHERS = {"standin": _standin_command}
+def _daemon_command(audio: Path, fallback: bool) -> list[str]:
+    """The real daemon on the dev models, its microphone reading the FIFO as raw 16 kHz PCM.
+
+    The FIFO is what stalls the audio loop, so the daemon needs no test hook. ``fallback``
+    hides systemd-python from it, so the dependency-free sender is what talks to the socket.
+    """
+    out = audio.with_name("speaker.wav")
+    hide = "sys.modules['systemd'] = None; " if fallback else ""
+    prelude = f"import sys; {hide}from edge.cli import main; sys.exit(main())"
+    return ["env", f"EDGE_VOICE_AUDIO__INPUT_DEVICE=file:{audio}", f"EDGE_VOICE_AUDIO__OUTPUT_DEVICE=file:{out}",
+            sys.executable, "-c", prelude, "run", "--config", str(REPO / "config" / "dev.toml")]
+
+
+LAUNCHERS = {"standin": _standin_command, "daemon": _daemon_command}
 
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))

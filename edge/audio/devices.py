@@ -36,10 +36,12 @@ class Microphone(Protocol):
 
 
 class FileMicrophone:
-    """Reads a WAV or raw PCM file (or FIFO) at real-time pace; silence after its end.
+    """Reads a WAV or raw PCM file (or FIFO) at real-time pace.
 
-    Reads happen on the caller's thread: a FIFO whose writer stalls stalls the reader,
-    exactly like a capture driver that stops returning.
+    A regular file is followed by endless silence. A FIFO is a live source: reads happen on
+    the caller's thread, so a writer that stalls stalls the reader, exactly like a capture
+    driver that stops returning, and a writer that goes away is a lost device
+    (:class:`AudioError`), to be reopened.
     """
 
     def __init__(self, path: str | os.PathLike, *, realtime: bool = True, end_silence: bool = True) -> None:
@@ -55,6 +57,7 @@ class FileMicrophone:
         self._pos = 0
         self._due = 0.0
         self.eof = False
+        self.is_fifo = False
 
     def open(self) -> None:
         try:
@@ -62,7 +65,9 @@ class FileMicrophone:
         except OSError as err:
             raise AudioError(f"{self.path}: cannot open input audio: {err.strerror}", code="audio.input") from None
         self._f = f
-        is_fifo = stat.S_ISFIFO(os.fstat(f.fileno()).st_mode)
+        self.eof = False
+        self._pending = np.zeros(0, dtype=np.int16)
+        self.is_fifo = is_fifo = stat.S_ISFIFO(os.fstat(f.fileno()).st_mode)
         if not is_fifo and self.path.suffix.lower() == ".wav":
             f.close()
             w = wave.open(str(self.path), "rb")
@@ -81,10 +86,14 @@ class FileMicrophone:
         return self._f.read(frames * 2)
 
     def read(self, timeout: float) -> AudioChunk | None:
+        if self._f is None and getattr(self, "_wave", None) is None:
+            raise AudioError(f"{self.path}: input is not open", code="audio.input")
         while len(self._pending) < CHUNK_SAMPLES and not self.eof:
             raw = self._read_raw(CHUNK_SAMPLES)
             if not raw:
                 self.eof = True
+                if self.is_fifo:
+                    raise AudioError(f"{self.path}: the audio source closed", code="audio.lost")
                 break
             x = np.frombuffer(raw[: len(raw) - len(raw) % (2 * self._channels)], dtype="<i2")
             if self._channels > 1:
