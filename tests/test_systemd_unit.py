@@ -193,6 +193,13 @@ def devices_cgroup():
         path.rmdir()  # the sandboxed process has exited: the cgroup is empty
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def test_inference_runs_under_the_unit_sandbox(tmp_path, devices_cgroup, smollm2_path, whisper_paths, wake_dir):
     why_not = _sandbox_available()
     if why_not:
@@ -207,11 +214,17 @@ def test_inference_runs_under_the_unit_sandbox(tmp_path, devices_cgroup, smollm2
         w.setframerate(16000)
         w.writeframes(audio.astype("<i2").tobytes())
 
+    # The installed models may live under /var/lib/edge-voice itself, which the sandbox covers
+    # with its StateDirectory tmpfs: link them somewhere that stays visible first.
+    staged = tmp_path / "models"
+    for name, src in (("openwakeword", wake_dir), ("whisper-tiny.en", whisper_paths["encoder"].parent)):
+        shutil.copytree(src, staged / name, copy_function=_link_or_copy)
+    _link_or_copy(str(smollm2_path), str(staged / "llm.gguf"))
     models = "/var/lib/edge-voice/models"
     cmd = [sys.executable, str(REPO / "tests/unit_sandbox.py"), str(UNIT),
-           "--bind-ro", f"{wake_dir}:{models}/openwakeword",
-           "--bind-ro", f"{whisper_paths['encoder'].parent}:{models}/whisper-tiny.en",
-           "--bind-ro", f"{smollm2_path}:{models}/llm.gguf",
+           "--bind-ro", f"{staged / 'openwakeword'}:{models}/openwakeword",
+           "--bind-ro", f"{staged / 'whisper-tiny.en'}:{models}/whisper-tiny.en",
+           "--bind-ro", f"{staged / 'llm.gguf'}:{models}/llm.gguf",
            "--bind-ro", f"{speech}:/var/lib/edge-voice/speech.wav",
            "--env", f"PYTHONPATH={REPO}"]
     if devices_cgroup is not None:

@@ -1,0 +1,98 @@
+"""The topic contract: one namespace per device, plus fleet-wide commands.
+
+``<prefix>/<id>/status`` (retained), ``<prefix>/<id>/event/<type>``, ``<prefix>/<id>/metrics``,
+``<prefix>/<id>/cmd/<name>`` and ``<prefix>/all/cmd/<name>``; answers for clients without
+MQTT v5 response topics go to ``<prefix>/<id>/cmd/<name>/result`` (always the device's own
+namespace, so a broker ACL of ``<prefix>/%u/#`` is enough for a device to answer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edge.config import DEVICE_ID_RE
+from edge.errors import ConfigError
+
+FLEET = "all"
+_MAX_TOPIC_BYTES = 65535
+
+
+def valid_topic_name(topic: str) -> bool:
+    """True if ``topic`` can be published to: no wildcards, no NUL, 1..65535 UTF-8 bytes."""
+    if not topic or "+" in topic or "#" in topic or "\x00" in topic:
+        return False
+    try:
+        return len(topic.encode("utf-8")) <= _MAX_TOPIC_BYTES
+    except UnicodeEncodeError:  # lone surrogates
+        return False
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str
+    device_id: str
+
+    def __post_init__(self) -> None:
+        p = self.prefix
+        if not p or p.startswith("/") or p.endswith("/") or "//" in p or not valid_topic_name(p):
+            raise ConfigError(f"mqtt.prefix: {p!r} is not a usable topic prefix: use levels like "
+                              "'edge' or 'site1/edge' without wildcards or leading/trailing '/'")
+        if not DEVICE_ID_RE.match(self.device_id):
+            raise ConfigError(f"mqtt.device_id: {self.device_id!r} must be 1-64 characters of a-z, 0-9, _ and -")
+        if self.device_id == FLEET:
+            raise ConfigError(f"mqtt.device_id: {FLEET!r} is reserved for fleet-wide commands; choose another id")
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}/{self.device_id}"
+
+    @property
+    def status(self) -> str:
+        return f"{self.base}/status"
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.base}/metrics"
+
+    def event(self, event_type: str) -> str:
+        return f"{self.base}/event/{event_type}"
+
+    def command(self, name: str) -> str:
+        return f"{self.base}/cmd/{name}"
+
+    def fleet_command(self, name: str) -> str:
+        return f"{self.prefix}/{FLEET}/cmd/{name}"
+
+    @property
+    def command_filters(self) -> tuple[str, str]:
+        """What the device subscribes to; ``+`` keeps ``.../result`` answers out."""
+        return f"{self.base}/cmd/+", f"{self.prefix}/{FLEET}/cmd/+"
+
+    def command_name(self, topic: str) -> str | None:
+        """The command name if ``topic`` is one of ours (device or fleet), else None."""
+        for head in (f"{self.base}/cmd/", f"{self.prefix}/{FLEET}/cmd/"):
+            if topic.startswith(head):
+                name = topic[len(head):]
+                return None if "/" in name else name
+        return None
+
+    def result(self, name: str) -> str:
+        topic = f"{self.base}/cmd/{name}/result"
+        # A hostile, very long command name still gets an answer, on a topic that fits.
+        return topic if valid_topic_name(topic) else f"{self.base}/cmd/_/result"
+
+    def usable_response_topic(self, topic: str) -> bool:
+        """A v5 response topic we may publish an answer to.
+
+        Refused: anything not publishable, anything we subscribe to (the answer would come
+        back as a command, forever) and our own status/event/metrics topics (an answer
+        there would impersonate the device's data).
+        """
+        if not valid_topic_name(topic) or len(topic) > 1024:
+            return False
+        if self.command_name(topic) is not None:
+            return False
+        for own in (self.status, self.metrics, f"{self.base}/event/"):
+            if topic == own or topic.startswith(own if own.endswith("/") else own + "/"):
+                return False
+        return True
