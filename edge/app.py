@@ -8,7 +8,6 @@ the turn → stop the speaker → flush the outbox, publish offline, disconnect 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
 import threading
@@ -18,8 +17,9 @@ from typing import Any
 from edge import __version__
 from edge.audio.devices import open_microphone, open_speaker
 from edge.config import Config
+from edge.control import Controller
 from edge.conversation import Conversation
-from edge.errors import AudioError, EdgeError
+from edge.errors import AudioError
 from edge.events import Event, EventBus, EventType
 from edge.logs import MessageId, log_fields
 from edge.stages import Stages, load_stages
@@ -92,10 +92,22 @@ class Daemon:
             if self.bridge is not None:
                 self.bridge.set_state("online")
             _LOGGER.info("ready", extra=log_fields(message_id=MessageId.READY))
+            broker_up = True
             while not self.stop_event.wait(0.5):
                 if self._audio_thread is not None and not self._audio_thread.is_alive():
                     _LOGGER.error("audio loop ended unexpectedly")
                     return 1
+                if self.bridge is not None and self.bridge.connected != broker_up:
+                    broker_up = self.bridge.connected
+                    if broker_up:
+                        _LOGGER.info("MQTT broker reachable", extra=log_fields(message_id=MessageId.BROKER_RESTORED))
+                        if self.mic_state == "open":
+                            self.status(Status.LISTENING)
+                    else:
+                        _LOGGER.warning("MQTT broker unreachable; events are kept on disk",
+                                        extra=log_fields(message_id=MessageId.BROKER_LOST))
+                        if self.mic_state == "open":
+                            self.status(Status.BROKER_UNREACHABLE)
             return 0
         finally:
             self._shutdown()
@@ -111,7 +123,7 @@ class Daemon:
         if cfg.mqtt.enabled:
             from edge.mqtt.client import MqttBridge
 
-            self.bridge = MqttBridge(cfg.mqtt, cfg.device_id, cfg.state_dir, DaemonController(self),
+            self.bridge = MqttBridge(cfg.mqtt, cfg.device_id, cfg.state_dir, Controller(self),
                                      version=__version__, models=cfg.model_ids())
             self.bridge.set_metrics_source(self.metrics)
             self.bridge.start()
@@ -226,78 +238,6 @@ class Daemon:
         if self.stages is not None:
             self.stages.close()
         _LOGGER.info("stopped", extra=log_fields(message_id=MessageId.STOPPED))
-
-
-class DaemonController:
-    """What MQTT commands can do to a running daemon."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
-
-    def _conv(self) -> Conversation:
-        if self.d.conv is None:
-            raise EdgeError("the device is still starting", code="busy")
-        return self.d.conv
-
-    def say(self, text: str) -> dict:
-        return {"turn_id": self._conv().say(text)}
-
-    def ask(self, text: str) -> dict:
-        return {"turn_id": self._conv().ask(text)}
-
-    def listen(self) -> dict:
-        self._conv().push_to_talk()
-        return {}
-
-    def cancel(self) -> dict:
-        return {"cancelled": self._conv().cancel()}
-
-    def mute(self) -> dict:
-        self._conv().mute()
-        self.d.status("muted", "muted")
-        return {}
-
-    def unmute(self) -> dict:
-        self._conv().unmute()
-        self.d.status("listening", "online")
-        return {}
-
-    def set_volume(self, volume: float) -> dict:
-        if self.d.speaker is not None:
-            self.d.speaker.volume = volume
-        return {"volume": volume}
-
-    def set_setting(self, key: str, value: Any) -> dict:
-        section, _, name = key.partition(".")
-        conv = self._conv()
-        cfg = conv.cfg
-        sub = getattr(cfg, section, None)
-        if sub is None or not hasattr(sub, name):
-            raise EdgeError(f"unknown setting {key!r}", code="bad_request")
-        new_sub = dataclasses.replace(sub, **{name: value})
-        conv.cfg = dataclasses.replace(cfg, **{section: new_sub})
-        self.d.cfg = conv.cfg
-        if key == "audio.volume" and self.d.speaker is not None:
-            self.d.speaker.volume = value
-        chat = conv.chat
-        if section == "llm" and chat is not None and hasattr(chat, "cfg"):
-            chat.cfg = new_sub
-        return {key: value}
-
-    def reload_models(self) -> dict:
-        self.d.reload_models()
-        return {"models": self.d.cfg.model_ids()}
-
-    def status(self) -> dict:
-        conv = self.d.conv
-        return {
-            "state": conv.state.value if conv else "starting",
-            "muted": bool(conv and conv.muted),
-            "uptime_s": round(time.monotonic() - self.d.started, 1),
-            "version": __version__,
-            "models": self.d.cfg.model_ids(),
-            **self.d.metrics(),
-        }
 
 
 def _log_event(event: Event) -> None:

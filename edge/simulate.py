@@ -150,18 +150,51 @@ def simulate(cfg: Config, input_wav: str | Path, output_wav: str | Path | None, 
         stages.wake.reset()
     if stages.chat is not None:
         stages.chat.warm(cfg.llm.system_prompt)
+    host = _SimHost(cfg, conv, speaker)
+    bridge = None
+    if cfg.mqtt.enabled:
+        from edge import __version__
+        from edge.control import Controller
+        from edge.mqtt.client import MqttBridge
+
+        bridge = MqttBridge(cfg.mqtt, cfg.device_id, cfg.state_dir, Controller(host), version=__version__,
+                            models=cfg.model_ids())
+        bridge.set_metrics_source(host.metrics)
+        bridge.start()
+        bus.subscribe(bridge.publish_event)
     conv.start()
     try:
         feed_wav(conv, clock, samples, realtime=realtime)
     finally:
         conv.stop()
         speaker.close()
+        if bridge is not None:
+            bridge.stop(timeout=10.0)  # deliver what the run produced before going offline
         if own_stages:
             stages.close()
     result.reply_audio = speaker.audio()
     result.reply_rate = rate
     result.played = list(speaker.played)
     return result
+
+
+class _SimHost:
+    """What the MQTT controller may touch in a simulation (no model reloads)."""
+
+    def __init__(self, cfg: Config, conv: Conversation, speaker: Any) -> None:
+        self.cfg, self.conv, self.speaker = cfg, conv, speaker
+        self.started = time.monotonic()
+
+    def status(self, text: str, state: str | None = None) -> None:
+        _LOGGER.info("status: %s", text)
+
+    def metrics(self) -> dict[str, Any]:
+        return {"conversation": self.conv.state.value, "turns": self.conv.turns_done}
+
+    def reload_models(self) -> None:
+        from edge.errors import EdgeError
+
+        raise EdgeError("reload-models is not available in simulate", code="cmd.unsupported")
 
 
 def summary_lines(events: list[Event]) -> list[str]:

@@ -237,7 +237,7 @@ def test_every_command_round_trips_over_mqtt_311_with_request_ids(broker: Mosqui
     assert stale.json()["error"]["code"] == "cmd.retained"
     p.publish(f"edge/{DEV}/cmd/say", b"", retain=True)  # clears it
     payloads = {"say": {"text": "hi"}, "ask": {"text": "why"}, "listen": {}, "cancel": {}, "mute": {},
-                "unmute": {}, "volume": {"volume": 1}, "set": {"key": "stt.endpoint_silence_s", "value": 0.5},
+                "unmute": {}, "volume": {"volume": 1}, "set": {"key": "stt.no_speech_timeout_s", "value": 5.0},
                 "reload-models": {}, "status": {}}
     for name, payload in payloads.items():
         rid = uuid.uuid4().hex

@@ -19,7 +19,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
-from edge.config import ConversationConfig, LlmConfig, SttConfig, TtsConfig, AudioConfig
+from edge.config import AudioConfig, ConversationConfig, LlmConfig, SttConfig
 from edge.errors import EdgeError
 
 MAX_PAYLOAD_BYTES = 8192
@@ -96,15 +96,15 @@ def _from_config(section: str, cls: type, name: str) -> Setting:
     return Setting(f"{section}.{name}", typ, f.metadata.get("min"), f.metadata.get("max"), f.metadata["doc"])
 
 
-#: The only keys ``set`` accepts. The controller must enforce the same list.
+#: The only keys ``set`` accepts, each applied live by the next turn (the controller
+#: enforces the same list). Settings baked into a loaded model (the VAD's silence length, the
+#: voice's speed) are config-file changes followed by ``reload-models``.
 SETTINGS: dict[str, Setting] = {s.key: s for s in (
     _from_config("llm", LlmConfig, "temperature"),
     _from_config("llm", LlmConfig, "top_p"),
     _from_config("llm", LlmConfig, "max_tokens"),
     _from_config("conversation", ConversationConfig, "follow_up_s"),
-    _from_config("stt", SttConfig, "endpoint_silence_s"),
     _from_config("stt", SttConfig, "no_speech_timeout_s"),
-    _from_config("tts", TtsConfig, "speed"),
     _from_config("audio", AudioConfig, "volume"),
 )}
 
