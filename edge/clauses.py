@@ -198,10 +198,16 @@ class ClauseSplitter:
     ``flush`` the splitter starts afresh for the next reply.
     """
 
-    def __init__(self, first_min_words: int = 4, long_words: int = 20, max_words: int = 40) -> None:
+    def __init__(self, first_min_words: int = 4, long_words: int = 20, max_words: int = 40,
+                 first_max_words: int | None = None) -> None:
         if first_min_words < 1 or long_words < 1 or max_words < long_words:
             raise ValueError("need first_min_words >= 1 and 1 <= long_words <= max_words")
+        if first_max_words is not None and first_max_words < first_min_words:
+            raise ValueError("need first_max_words >= first_min_words")
         self.first_min_words = first_min_words
+        # A first clause with no break in sight is cut here: on a slow CPU, waiting for a
+        # comma can cost seconds of silence.
+        self.first_max_words = first_max_words
         self.long_words = long_words
         self.max_words = max_words
         self._buf = ""
@@ -247,7 +253,8 @@ class ClauseSplitter:
             elif kind != _CLAUSE or words >= self.long_words:
                 return end
         # Run-on text with no usable break: cut before the last (maybe unfinished) word.
-        if count_words(strip_markdown(buf)) > self.max_words:
+        limit = self.max_words if self._first_done or self.first_max_words is None else self.first_max_words
+        if count_words(strip_markdown(buf)) > limit:
             cut = max(buf.rstrip().rfind(" "), buf.rstrip().rfind("\n"))
             if cut > 0:
                 return cut

@@ -148,6 +148,8 @@ class TtsConfig:
     num_threads: int = opt(1, "Threads for text-to-speech.", min=1, max=8)
     first_clause_min_words: int = opt(4, "Speak the first clause as soon as it has this many words and a "
                                       "clause break.", min=1, max=50)
+    first_clause_max_words: int = opt(10, "If the first clause reaches this many words with no break, speak it "
+                                      "anyway.", min=1, max=100)
 
 
 @dataclass(frozen=True)

@@ -455,7 +455,9 @@ class Conversation:
         if self.chat is None:
             raise StageError("no language model is configured (llm.model)", code="llm.missing")
         llm = self.cfg.llm
-        splitter = ClauseSplitter(self.cfg.tts.first_clause_min_words)
+        tts = self.cfg.tts
+        splitter = ClauseSplitter(tts.first_clause_min_words,
+                                  first_max_words=max(tts.first_clause_max_words, tts.first_clause_min_words))
         history = self.sessions.history()
         turn.marks["prefill_done"] = time.monotonic()
         deadline = time.monotonic() + llm.reply_timeout_s

@@ -265,3 +265,22 @@ def test_no_word_is_lost_or_reordered_however_the_text_is_cut(text, cuts, first_
     assert all(count_words(c) > 0 for c in clauses)
     if len(clauses) > 1:
         assert count_words(clauses[0]) >= first_min
+
+
+def test_first_clause_is_cut_when_no_break_comes() -> None:
+    s = ClauseSplitter(first_min_words=4, first_max_words=6)
+    out = []
+    for word in "xn urf tpj ctdqe ihefnfewg rfv bbk zjhrgs dl je".split():
+        out += s.push(word + " ")
+    # Six words, cut at a word boundary; the rest waits for a sentence end as usual.
+    assert out[0] == "xn urf tpj ctdqe ihefnfewg rfv"
+    assert len(out) == 1
+    assert s.flush() == ["bbk zjhrgs dl je"]
+
+
+def test_first_clause_with_a_break_is_unaffected_by_the_cap() -> None:
+    s = ClauseSplitter(first_min_words=4, first_max_words=6)
+    out = []
+    for piece in ["The capital", " of France is", " Paris, a city", " of lights."]:
+        out += s.push(piece)
+    assert out[0] == "The capital of France is Paris,"
