@@ -49,6 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a config and that its models are installed")
     _add_config(p)
 
+    p = sub.add_parser("bench", help="measure the pipeline's latency stage by stage against a sequential baseline")
+    p.add_argument("--config", "-c", default="config/dev.toml", metavar="FILE",
+                   help="config to measure (default: config/dev.toml)")
+    p.add_argument("--profile", choices=("dev", "phi3-shaped"), default="dev",
+                   help="dev: the config's models; phi3-shaped: a random-weight Phi-3-mini-sized LLM")
+    p.add_argument("--turns", type=int, default=5, metavar="N", help="scripted turns (default 5)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--plot", metavar="OUT.png", help="draw a waterfall of the median turn")
+    p.add_argument("--no-plain", action="store_true",
+                   help="skip measuring plain llama-cpp-python for the generation-speed comparison")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning")
+
     try:
         from edge.models.cli import add_models_parser
     except ImportError:  # pragma: no cover - only while the package is incomplete
@@ -92,6 +104,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.summary:
             for line in summary_lines(result.events):
                 print(line, file=sys.stderr)
+        return 0
+    if cmd == "bench":
+        import json
+
+        from edge.bench import format_report, plot_waterfall, run_bench
+
+        if args.turns < 1:
+            raise EdgeError("--turns must be at least 1", code="usage")
+        cfg = _load(args)
+        report = run_bench(cfg, args.profile, args.turns, plain=not args.no_plain)
+        if args.plot:
+            plot_waterfall(report, args.plot)
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
         return 0
     if cmd == "check":
         from edge.check import run_check

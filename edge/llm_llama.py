@@ -373,6 +373,14 @@ class LlamaChatModel:
                          "-" if stats.first_piece_s is None else f"{stats.first_piece_s:.2f}",
                          stats.tokens_per_s)
 
+    def forget(self) -> None:
+        """Drop the whole KV cache: the next call evaluates its prompt from scratch."""
+        self._turn += 1
+        with self._lock:
+            self._check_open()
+            self._llm.reset()
+            self._llm._ctx.kv_cache_clear()
+
     def count_tokens(self, text: str) -> int:
         with self._lock:
             self._check_open()

@@ -1,0 +1,428 @@
+"""``edge-voice bench``: how long a visitor waits, stage by stage, against a sequential baseline.
+
+Each scripted turn is a WAV made with the config's own voice: silence, "Hey Jarvis.", a short
+pause, a question, silence. It runs through the real pipeline (``simulate`` in real time, so
+partial transcripts, prefill and playback overlap as they would live) with the models loaded
+once. Every time is measured from the true end of the question in the WAV, so the endpoint wait
+counts. In the same run a sequential baseline with the same models waits for the final
+transcript, generates the whole reply from a cold KV cache, then synthesizes all of it.
+
+Profiles: ``dev`` uses the config as it is (SmolLM2 on the dev config); ``phi3-shaped`` swaps the
+LLM for a random-weight GGUF with Phi-3-mini-4k-instruct's exact shapes, generated on demand in
+the cache directory (its text is gibberish, its speed and memory are real).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from edge import paths
+from edge.audio.chunk import CHUNK_SAMPLES, SAMPLE_RATE, AudioChunk, resample
+from edge.audio.wav import write_wav
+from edge.config import Config
+from edge.errors import EdgeError
+
+_LOGGER = logging.getLogger(__name__)
+
+QUESTIONS = (
+    "What is the capital of France?",
+    "How many legs does a spider have?",
+    "What time does the museum open today?",
+    "Where can I buy a ticket for the train?",
+    "Can you recommend a good place to eat nearby?",
+    "What is the weather going to be like tomorrow?",
+    "Tell me something interesting about the moon.",
+    "How far is the beach from here?",
+)
+WAKE_PHRASE = "Hey Jarvis."
+STAGES = ("wake_latency", "endpoint_delay", "stt_final", "llm_first_token", "first_clause",
+          "tts_first_audio", "end_of_speech_to_first_audio")
+TARGETS = {"end_of_speech_to_first_audio_p50_ms": 1000.0, "baseline_ratio": 4.0, "peak_rss_mb": 3300.0,
+           "wake_vad_cpu_percent": 5.0, "llm_generation_vs_plain": 0.95}
+
+
+@dataclass
+class TurnAudio:
+    samples: np.ndarray
+    question: str
+    wake_end: float  # audio time the wake phrase's sound ends
+    speech_start: float  # audio time the question starts
+    speech_end: float  # audio time the question's sound ends
+
+
+@dataclass
+class TurnResult:
+    question: str
+    transcript: str = ""
+    reply: str = ""
+    stages_ms: dict[str, float] = field(default_factory=dict)
+    llm: dict[str, float] = field(default_factory=dict)
+    baseline_ms: dict[str, float] = field(default_factory=dict)
+
+
+def _voiced_end(x: np.ndarray, threshold: int = 300) -> int:
+    """Index just after the last sample of sound (espeak/Piper leave trailing silence)."""
+    loud = np.flatnonzero(np.abs(x.astype(np.int32)) > threshold)
+    return int(loud[-1]) + 1 if len(loud) else 0
+
+
+def _speak(synth: Any, text: str) -> np.ndarray:
+    audio = np.concatenate(list(synth.synthesize(text, threading.Event())))
+    return resample(audio, synth.sample_rate, SAMPLE_RATE)
+
+
+def make_turn_audio(synth: Any, question: str) -> TurnAudio:
+    silence = lambda s: np.zeros(int(SAMPLE_RATE * s), dtype=np.int16)  # noqa: E731
+    wake, q = _speak(synth, WAKE_PHRASE), _speak(synth, question)
+    lead, pause = silence(1.0), silence(0.4)
+    wake_end = (len(lead) + _voiced_end(wake)) / SAMPLE_RATE
+    q_start = len(lead) + len(wake) + len(pause)
+    speech_end = (q_start + _voiced_end(q)) / SAMPLE_RATE
+    return TurnAudio(np.concatenate([lead, wake, pause, q, silence(2.5)]), question, wake_end,
+                     q_start / SAMPLE_RATE, speech_end)
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    return float(np.percentile(np.asarray(values, dtype=float), p))
+
+
+# -- setup ---------------------------------------------------------------------------------
+def bench_config(cfg: Config, profile: str) -> tuple[Config, Path | None]:
+    """The config to measure and, for phi3-shaped, the GGUF to load instead of ``llm.model``."""
+    if profile == "dev":
+        return cfg, None
+    if profile != "phi3-shaped":
+        raise EdgeError(f"unknown bench profile {profile!r}: use dev or phi3-shaped", code="bench.profile")
+    gguf = paths.cache_dir() / "bench" / "phi3-mini-shaped.gguf"
+    if not gguf.exists():
+        from edge.gguf_synth import write_phi3_mini_shaped
+
+        gguf.parent.mkdir(parents=True, exist_ok=True)
+        print(f"bench: writing a random-weight Phi-3-mini-shaped GGUF to {gguf} (about 2.2 GB, once)",
+              file=sys.stderr)
+        tmp = gguf.with_name(gguf.name + ".part")
+        write_phi3_mini_shaped(tmp)
+        os.replace(tmp, gguf)
+    # Random weights never choose to stop: cap the reply like a real short answer.
+    llm = dataclasses.replace(cfg.llm, model="phi3-mini-shaped", chat_template="phi3",
+                              max_tokens=min(cfg.llm.max_tokens, 40), temperature=0.0)
+    return dataclasses.replace(cfg, llm=llm), gguf
+
+
+def load_bench_stages(cfg: Config, gguf: Path | None):
+    from edge.stages import load_stages
+
+    if gguf is None:
+        return load_stages(cfg)
+    from edge.llm import make_chat_model
+
+    stages = load_stages(cfg, roles=("wake", "stt", "vad", "tts"))
+    t0 = time.monotonic()
+    stages.chat = make_chat_model(cfg.llm, gguf)
+    assert stages.load_ms is not None
+    stages.load_ms["llm"] = round(1000 * (time.monotonic() - t0), 1)
+    return stages
+
+
+# -- one pipelined turn ----------------------------------------------------------------------
+def run_turn(cfg: Config, stages: Any, audio: TurnAudio, workdir: Path) -> TurnResult:
+    from edge.simulate import simulate
+
+    wav = workdir / "turn.wav"
+    write_wav(wav, audio.samples, SAMPLE_RATE)
+    result = simulate(cfg, wav, None, realtime=True, stages=stages)
+    ev = [e.as_dict() for e in result.events]
+    out = TurnResult(audio.question)
+    wakes = [e for e in ev if e["type"] == "wake"]
+    ends = [e for e in ev if e["type"] == "turn.end" and e.get("outcome") == "done"]
+    speech_end = [e for e in ev if e["type"] == "speech.end"]
+    if len(wakes) != 1 or not ends or not speech_end:
+        raise EdgeError(f"bench turn {audio.question!r} did not complete: "
+                        f"{[e['type'] for e in ev if e['type'] != 'state']}", code="bench.turn")
+    out.transcript = next((e["text"] for e in ev if e["type"] == "transcript.final"), "")
+    out.reply = ends[0].get("reply", "")
+    # The pipeline measures from the end of speech its VAD saw; shift to the true end.
+    shift_ms = 1000 * (speech_end[0]["audio_time"] - audio.speech_end)
+    timings = ends[0]["timings_ms"]
+    out.stages_ms["wake_latency"] = round(1000 * (wakes[0]["audio_time"] - audio.wake_end), 1)
+    for key in STAGES[1:]:
+        if key in timings:
+            out.stages_ms[key] = round(timings[key] + shift_ms, 1)
+    stats = getattr(stages.chat, "last_stats", None)
+    if stats is not None:
+        out.llm = {"prompt_tokens": stats.prompt_tokens, "cached_tokens": stats.cached_tokens,
+                   "evaluated_tokens": stats.evaluated_tokens, "generated_tokens": stats.generated_tokens,
+                   "generation_tokens_per_s": round(stats.tokens_per_s, 2)}
+    return out
+
+
+# -- the sequential baseline --------------------------------------------------------------------
+def run_baseline(cfg: Config, stages: Any, audio: TurnAudio) -> dict[str, float]:
+    """STT to the final transcript, then the whole reply from a cold cache, then all its audio."""
+    rec, chat, synth = stages.recognizer, stages.chat, stages.synth
+    rec.start([])
+    final = None
+    decode_start = 0.0
+    for i in range(0, len(audio.samples) - CHUNK_SAMPLES + 1, CHUNK_SAMPLES):
+        chunk = AudioChunk(audio.samples[i : i + CHUNK_SAMPLES].copy(), i, SAMPLE_RATE, time.monotonic())
+        if chunk.start_s < audio.wake_end:
+            continue  # the wake word is not part of the question
+        decode_start = time.monotonic()
+        for upd in rec.accept(chunk):
+            if upd.kind == "final":
+                final = upd
+        if final is not None:
+            break
+    if final is None:
+        final = rec.finish()
+    if final is None:
+        raise EdgeError(f"baseline: no transcript for {audio.question!r}", code="bench.turn")
+    stt_s = time.monotonic() - decode_start  # the decode that produced the final
+    endpoint_s = final.audio_time - audio.speech_end
+    forget = getattr(chat, "forget", None)
+    if forget is not None:
+        forget()
+    t0 = time.monotonic()
+    reply = "".join(chat.stream([], final.text, cancel=threading.Event())).strip() or cfg.llm.fallback_reply
+    llm_s = time.monotonic() - t0
+    chat.warm(cfg.llm.system_prompt)  # the pipelined turns keep their warm system prompt
+    t0 = time.monotonic()
+    n = sum(len(a) for a in synth.synthesize(reply, threading.Event()))
+    tts_s = time.monotonic() - t0
+    total = endpoint_s + stt_s + llm_s + tts_s
+    stats = getattr(chat, "last_stats", None)
+    out = {"endpoint_delay": endpoint_s, "stt_final": stt_s, "llm_reply": llm_s, "tts_all": tts_s,
+           "end_of_speech_to_first_audio": total}
+    out = {k: round(1000 * v, 1) for k, v in out.items()}
+    out["stt_rtf"] = round(stt_s / max(0.1, audio.speech_end - audio.speech_start), 3)
+    out["tts_rtf"] = round(tts_s / max(1e-3, n / synth.sample_rate), 3)
+    if stats is not None and stats.prompt_s > 0:
+        out["prefill_tokens_per_s"] = round(stats.evaluated_tokens / stats.prompt_s, 1)
+        out["generation_tokens_per_s"] = round(stats.tokens_per_s, 2)
+    return out
+
+
+# -- always-on CPU: wake word + VAD ----------------------------------------------------------------
+def wake_vad_cpu(cfg: Config, stages: Any, audio: np.ndarray) -> float | None:
+    """Percent of one core the always-on part (wake word + VAD) costs, per second of audio."""
+    from edge.stages import resolve_models
+
+    if stages.wake is None:
+        return None
+    vad = None
+    if cfg.stt.engine == "vad-offline":
+        from edge.stt_vad import build_vad
+
+        models = resolve_models(cfg, roles=("vad",))
+        vad = build_vad(cfg.stt, models["vad"].path("model"), cfg.stt.max_utterance_s)
+    stages.wake.reset()
+    t0 = time.thread_time()
+    for i in range(0, len(audio) - CHUNK_SAMPLES + 1, CHUNK_SAMPLES):
+        chunk = AudioChunk(audio[i : i + CHUNK_SAMPLES].copy(), i)
+        stages.wake.process(chunk)
+        if vad is not None:
+            vad.accept_waveform(chunk.float32())
+            while not vad.empty():
+                vad.pop()
+    cpu = time.thread_time() - t0
+    stages.wake.reset()
+    return round(100 * cpu / (len(audio) / SAMPLE_RATE), 2)
+
+
+# -- plain llama-cpp-python, for the ≥95% comparison ---------------------------------------------------
+_PLAIN = r"""
+import json, sys, time
+from llama_cpp import Llama
+path, n_ctx, threads, n_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, use_mmap=False,
+            verbose=False, seed=1)
+llm.create_completion("Once upon a time", max_tokens=4, temperature=0.0)
+t0 = time.monotonic(); first = None; n = 0
+for out in llm.create_completion("The museum opens at", max_tokens=n_tokens, temperature=0.0,
+                                 stream=True):
+    n += 1
+    if first is None:
+        first = time.monotonic()
+print(json.dumps({"tokens": n, "tokens_per_s": (n - 1) / (time.monotonic() - first) if n > 1 else 0.0}))
+"""
+
+
+def plain_llama_tokens_per_s(gguf: Path, cfg: Config, n_tokens: int = 32) -> float | None:
+    """Generation speed of bare llama-cpp-python on the same model and threads, in a subprocess
+    (so its memory does not count against the pipeline's peak)."""
+    threads = cfg.llm.n_threads or os.cpu_count() or 1
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PLAIN, str(gguf), str(cfg.llm.n_ctx), str(threads),
+                               str(n_tokens)], capture_output=True, text=True, timeout=600)
+        return round(json.loads(proc.stdout.strip().splitlines()[-1])["tokens_per_s"], 2)
+    except (subprocess.SubprocessError, ValueError, IndexError, KeyError):
+        _LOGGER.warning("plain llama-cpp-python measurement failed")
+        return None
+
+
+# -- the whole benchmark ---------------------------------------------------------------------------
+def run_bench(cfg: Config, profile: str = "dev", turns: int = 5, *, plain: bool = True,
+              log: TextIO = sys.stderr) -> dict[str, Any]:
+    cfg, gguf = bench_config(cfg, profile)
+    t0 = time.monotonic()
+    stages = load_bench_stages(cfg, gguf)
+    load_s = time.monotonic() - t0
+    try:
+        print(f"bench: models loaded in {load_s:.1f} s; {turns} turn(s), profile {profile}", file=log)
+        audios = [make_turn_audio(stages.synth, QUESTIONS[i % len(QUESTIONS)]) for i in range(turns)]
+        results: list[TurnResult] = []
+        with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
+            for i, audio in enumerate(audios):
+                r = run_turn(cfg, stages, audio, Path(tmp))
+                r.baseline_ms = run_baseline(cfg, stages, audio)
+                results.append(r)
+                print(f"bench: turn {i + 1}/{turns}: {r.transcript!r} -> {r.reply[:60]!r} "
+                      f"first audio after {r.stages_ms.get('end_of_speech_to_first_audio', float('nan')):.0f} ms "
+                      f"(sequential {r.baseline_ms['end_of_speech_to_first_audio']:.0f} ms)", file=log)
+        cpu = wake_vad_cpu(cfg, stages, np.concatenate([a.samples for a in audios]))
+    finally:
+        stages.close()
+    model_path = gguf
+    if model_path is None:
+        from edge.stages import resolve_models
+
+        model_path = next(p for n, p in resolve_models(cfg, roles=("llm",))["llm"].files.items()
+                          if n.endswith(".gguf"))
+    plain_tps = plain_llama_tokens_per_s(model_path, cfg) if plain else None
+    return summarize(cfg, profile, results, cpu, plain_tps, load_s)
+
+
+def summarize(cfg: Config, profile: str, results: list[TurnResult], cpu: float | None,
+              plain_tps: float | None, load_s: float) -> dict[str, Any]:
+    def col(rows: list[dict[str, float]], key: str) -> list[float]:
+        return [r[key] for r in rows if key in r]
+
+    stages = {}
+    for key in STAGES:
+        vals = col([r.stages_ms for r in results], key)
+        stages[key] = {"p50": round(percentile(vals, 50), 1), "p90": round(percentile(vals, 90), 1), "n": len(vals)}
+    base = [r.baseline_ms for r in results]
+    baseline = {key: {"p50": round(percentile(col(base, key), 50), 1), "p90": round(percentile(col(base, key), 90), 1)}
+                for key in ("endpoint_delay", "stt_final", "llm_reply", "tts_all", "end_of_speech_to_first_audio")}
+    e2fa = stages["end_of_speech_to_first_audio"]["p50"]
+    ratio = baseline["end_of_speech_to_first_audio"]["p50"] / e2fa if e2fa and e2fa > 0 else float("nan")
+    gen = col([r.llm for r in results], "generation_tokens_per_s")
+    pipeline_tps = round(statistics.median(gen), 2) if gen else None
+    rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    median_turn = sorted(results, key=lambda r: r.stages_ms.get("end_of_speech_to_first_audio", 0))[len(results) // 2]
+    report = {
+        "profile": profile,
+        "machine": {"cpus": os.cpu_count(), "arch": os.uname().machine, "python": sys.version.split()[0]},
+        "config": {"llm_model": cfg.llm.model, "n_ctx": cfg.llm.n_ctx, "n_threads": cfg.llm.n_threads,
+                   "use_mmap": cfg.llm.use_mmap, "kv_type": cfg.llm.kv_type, "flash_attn": cfg.llm.flash_attn,
+                   "stt": f"{cfg.stt.engine}:{cfg.stt.model}", "endpoint_silence_s": cfg.stt.endpoint_silence_s,
+                   "tts": cfg.tts.model, "first_clause_words": [cfg.tts.first_clause_min_words,
+                                                                cfg.tts.first_clause_max_words]},
+        "turns": len(results),
+        "model_load_s": round(load_s, 2),
+        "stages_ms": stages,
+        "baseline_ms": baseline,
+        "baseline_ratio": round(ratio, 2),
+        "llm": {
+            "prefill_tokens_per_s": round(percentile(col(base, "prefill_tokens_per_s"), 50), 1),
+            "generation_tokens_per_s_pipeline": pipeline_tps,
+            "generation_tokens_per_s_plain": plain_tps,
+            "generation_vs_plain": round(pipeline_tps / plain_tps, 3) if pipeline_tps and plain_tps else None,
+        },
+        "stt_rtf": round(percentile(col(base, "stt_rtf"), 50), 3),
+        "tts_rtf": round(percentile(col(base, "tts_rtf"), 50), 3),
+        "wake_vad_cpu_percent": cpu,
+        "peak_rss_mb": rss_mb,
+        "median_turn": dataclasses.asdict(median_turn),
+        "targets": TARGETS,
+    }
+    return report
+
+
+def format_report(r: dict[str, Any]) -> str:
+    lines = [f"edge-voice bench: profile {r['profile']}, {r['turns']} turns, "
+             f"{r['machine']['cpus']} CPUs {r['machine']['arch']}, LLM {r['config']['llm_model']}",
+             "", f"{'stage (ms from the end of the question)':44} {'p50':>8} {'p90':>8}"]
+    for key, v in r["stages_ms"].items():
+        lines.append(f"{key:44} {v['p50']:8.0f} {v['p90']:8.0f}")
+    lines += ["", f"{'sequential baseline (same models)':44} {'p50':>8} {'p90':>8}"]
+    for key, v in r["baseline_ms"].items():
+        lines.append(f"{key:44} {v['p50']:8.0f} {v['p90']:8.0f}")
+    llm = r["llm"]
+    t = r["targets"]
+    e2fa = r["stages_ms"]["end_of_speech_to_first_audio"]["p50"]
+
+    def mark(ok: bool | None) -> str:
+        return "n/a" if ok is None else ("ok" if ok else "MISSED")
+
+    ratio_ok = r["baseline_ratio"] >= t["baseline_ratio"] if r["baseline_ratio"] == r["baseline_ratio"] else None
+    vs_plain = llm["generation_vs_plain"]
+    cpu = r["wake_vad_cpu_percent"]
+    lines += [
+        "",
+        f"speed-up over the sequential baseline: {r['baseline_ratio']:.2f}x  "
+        f"[target >= {t['baseline_ratio']:.0f}x: {mark(ratio_ok)}]",
+        f"end of speech to first audio p50: {e2fa:.0f} ms  "
+        f"[target <= {t['end_of_speech_to_first_audio_p50_ms']:.0f} ms: "
+        f"{mark(e2fa <= t['end_of_speech_to_first_audio_p50_ms'])}]",
+        f"LLM prefill {llm['prefill_tokens_per_s']} tokens/s; generation {llm['generation_tokens_per_s_pipeline']} "
+        f"tokens/s in the pipeline vs {llm['generation_tokens_per_s_plain']} plain llama-cpp-python "
+        f"[target >= {t['llm_generation_vs_plain']:.0%}: {mark(None if vs_plain is None else vs_plain >= t['llm_generation_vs_plain'])}]",
+        f"STT real-time factor {r['stt_rtf']}; TTS real-time factor {r['tts_rtf']}",
+        f"wake word + VAD: {cpu}% of one core  [target <= {t['wake_vad_cpu_percent']:.0f}%: "
+        f"{mark(None if cpu is None else cpu <= t['wake_vad_cpu_percent'])}]",
+        f"peak RSS of the process: {r['peak_rss_mb']:.0f} MB  [target <= {t['peak_rss_mb']:.0f} MB: "
+        f"{mark(r['peak_rss_mb'] <= t['peak_rss_mb'])}]",
+    ]
+    return "\n".join(lines)
+
+
+def plot_waterfall(r: dict[str, Any], out: Path) -> None:
+    """A waterfall of the median turn: when each milestone came, after the end of the question."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise EdgeError("--plot needs matplotlib: pip install 'edge-voice[bench]'", code="dependency.missing") from None
+    turn = r["median_turn"]
+    stages = [(k, v) for k, v in turn["stages_ms"].items() if k != "wake_latency"]
+    base = turn["baseline_ms"]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    prev = 0.0
+    for i, (name, t) in enumerate(stages):
+        ax.barh(i, t - prev, left=prev, color="tab:blue")
+        ax.text(t, i, f" {t:.0f} ms", va="center", fontsize=8)
+        prev = t
+    seq = [("endpoint_delay", base["endpoint_delay"]), ("stt_final", base["stt_final"]),
+           ("llm_reply", base["llm_reply"]), ("tts_all", base["tts_all"])]
+    left, y = 0.0, len(stages) + 0.5
+    for name, d in seq:
+        ax.barh(y, d, left=left, color="tab:gray", edgecolor="white")
+        left += d
+    ax.text(left, y, f" sequential: {left:.0f} ms", va="center", fontsize=8)
+    ax.set_yticks(list(range(len(stages))) + [y], [n for n, _ in stages] + ["sequential baseline"])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms after the end of the question")
+    ax.set_title(f"edge-voice, median turn ({r['profile']}): {turn['question']}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
