@@ -103,6 +103,9 @@ class SttConfig:
     vad_model: str = opt("silero-vad", "VAD model id (vad-offline engine).")
     num_threads: int = opt(1, "Threads for speech-to-text.", min=1, max=8)
     endpoint_silence_s: float = opt(0.8, "Silence after speech that ends the question.", min=0.1, max=5.0)
+    pause_s: float = opt(0.2, "Silence after which the reply is started speculatively, before the endpoint; it "
+                         "is played only if the final transcript is the same. 0 turns this off.",
+                         min=0.0, max=5.0)
     no_speech_timeout_s: float = opt(6.0, "After the wake word, give up if no speech starts within this.",
                                      min=0.5, max=60.0)
     max_utterance_s: float = opt(15.0, "Longest question; it is cut here.", min=1.0, max=60.0)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import logging
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -78,6 +79,48 @@ class Clock(Protocol):
     def now(self) -> float: ...
 
 
+_MARK_NAMES = {
+    "final": "stt_final",
+    "first_token": "llm_first_token",
+    "first_clause": "first_clause",
+    "tts_first_audio": "tts_first_audio",
+    "first_play": "end_of_speech_to_first_audio",
+    "reply_done": "llm_done",
+}
+_WORDS = re.compile(r"[^\w']+")
+
+
+def same_words(a: str, b: str) -> bool:
+    """Two transcripts say the same thing (case and punctuation aside)."""
+    return _WORDS.sub(" ", a.lower()).split() == _WORDS.sub(" ", b.lower()).split()
+
+
+@dataclass
+class Reply:
+    """One attempt at answering a turn: LLM → clauses → TTS → speaker.
+
+    A speculative reply starts at a pause, before the endpoint, and is held (generated,
+    synthesized, queued, not played) until the final transcript confirms the question it
+    answers; otherwise it is cancelled and a new one starts from the final transcript.
+    """
+
+    question: str
+    speculative: bool = False
+    cancel: threading.Event = field(default_factory=threading.Event)
+    confirmed: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    marks: dict[str, float] = field(default_factory=dict)  # wall times of milestones
+    tts_started: bool = False
+    gen: int = 0  # the speaker utterance it writes to
+    answer: str = ""
+
+    def confirm(self, speaker: Any) -> None:
+        with self.lock:
+            self.confirmed.set()
+            if self.tts_started:
+                speaker.release(self.gen)
+
+
 @dataclass
 class Turn:
     """One exchange. Wall times are ``time.monotonic()``; audio times are timeline seconds."""
@@ -90,14 +133,12 @@ class Turn:
     speech_started: bool = False
     last_partial: str = ""
     text: str = ""
-    reply: str = ""
+    answer: str = ""
+    reply: Reply | None = None  # the reply in progress (maybe speculative)
     speech_end: float | None = None  # audio time the question ended
     ref_audio: float | None = None  # audio time the endpoint fired
     ref_wall: float | None = None  # wall time the endpoint's chunk was available
-    marks: dict[str, float] = field(default_factory=dict)  # wall times of milestones
-    tts_started: bool = False
-    gen: int = 0  # the speaker utterance this turn writes to
-    spoke: bool = False
+    marks: dict[str, float] = field(default_factory=dict)
     finished: bool = False
 
     def since_end_of_speech_ms(self, wall: float) -> float | None:
@@ -111,28 +152,23 @@ class Turn:
         out: dict[str, float] = {}
         if self.ref_audio is not None and self.speech_end is not None:
             out["endpoint_delay"] = round(1000 * (self.ref_audio - self.speech_end), 1)
-        names = {
-            "final": "stt_final",
-            "prefill_done": "llm_prefill",
-            "first_token": "llm_first_token",
-            "first_clause": "first_clause",
-            "tts_first_audio": "tts_first_audio",
-            "first_play": "end_of_speech_to_first_audio",
-            "reply_done": "llm_done",
-        }
-        for mark, name in names.items():
-            if mark in self.marks:
-                v = self.since_end_of_speech_ms(self.marks[mark])
+        marks = dict(self.marks)
+        if self.reply is not None:
+            marks.update(self.reply.marks)
+        for mark, name in _MARK_NAMES.items():
+            if mark in marks:
+                v = self.since_end_of_speech_ms(marks[mark])
                 if v is not None:
                     out[name] = v
-        if "tokens" in self.marks and "first_token" in self.marks and "reply_done" in self.marks:
-            span = self.marks["reply_done"] - self.marks["first_token"]
-            if span > 0 and self.marks["tokens"] > 1:
-                out["llm_tokens_per_s"] = round((self.marks["tokens"] - 1) / span, 2)
+        tokens = marks.get("tokens", 0)
+        if tokens > 1 and "first_token" in marks and "reply_done" in marks:
+            span = marks["reply_done"] - marks["first_token"]
+            if span > 0:
+                out["llm_tokens_per_s"] = round((tokens - 1) / span, 2)
         return out
 
 
-_END = object()  # end of a turn's clauses
+_END = object()  # end of a reply's clauses
 
 
 class Conversation:
@@ -156,9 +192,9 @@ class Conversation:
         self._turn: Turn | None = None
         self._listen_deadline: float | None = None  # follow-up window end (audio time)
         self._requests: collections.deque[tuple[str, Any]] = collections.deque()
-        self._jobs: collections.deque[tuple[str, Turn, str]] = collections.deque()
+        self._jobs: collections.deque[tuple[str, Turn, Any]] = collections.deque()
         self._jobs_cond = threading.Condition()
-        self._tts_q: queue.Queue[tuple[Turn, Any]] = queue.Queue(maxsize=8)
+        self._tts_q: queue.Queue[tuple[Turn, Reply, Any]] = queue.Queue(maxsize=8)
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._responder_loop, name="responder", daemon=True),
@@ -192,7 +228,7 @@ class Conversation:
     def answering(self) -> bool:
         """A reply is being prepared or spoken: wall-clock time is what the visitor feels."""
         with self._lock:
-            return self._turn is not None and self._state != State.LISTENING
+            return self._turn is not None and (self._state != State.LISTENING or self._turn.reply is not None)
 
     def idle(self) -> bool:
         with self._lock:
@@ -237,7 +273,7 @@ class Conversation:
             turn.text = text
             self._emit(EventType.TRANSCRIPT_FINAL, turn, text=text, source="text")
             self._set_state(State.THINKING, turn)
-        self._submit((kind, turn, text))
+        self._start_reply(turn, text, speculative=False, job=kind)
         return turn.id
 
     def cancel(self, reason: str = "cancelled") -> bool:
@@ -263,7 +299,7 @@ class Conversation:
     def feed(self, chunk: AudioChunk) -> None:
         self.preroll.append(chunk)
         while self._requests:
-            self._handle_request(self._requests.popleft(), chunk)
+            self._handle_request(self._requests.popleft())
         if self.muted:
             return
         state = self._state
@@ -287,7 +323,7 @@ class Conversation:
         self._emit(EventType.WAKE, turn, audio_time=hit.audio_time, word=hit.word, score=round(hit.score, 3))
         self._start_listening(turn, self.preroll.since(hit.audio_time - self.cfg.audio.preroll_ms / 1000))
 
-    def _handle_request(self, req: tuple[str, Any], chunk: AudioChunk) -> None:
+    def _handle_request(self, req: tuple[str, Any]) -> None:
         kind, arg = req
         if kind == "listen":
             with self._lock:
@@ -334,7 +370,12 @@ class Conversation:
                 if text and text != turn.last_partial:
                     turn.last_partial = text
                     self._emit(EventType.TRANSCRIPT_PARTIAL, turn, audio_time=upd.audio_time, text=text)
-                    self._submit(("prefill", turn, text))
+                    if turn.reply is None:
+                        self._submit(("prefill", turn, text))
+            elif upd.kind == "pause":
+                self._on_pause(turn, upd.text.strip())
+            elif upd.kind == "resume":
+                self._drop_speculation(turn)
             elif upd.kind == "final":
                 self._on_final(turn, upd, chunk)
                 return
@@ -352,8 +393,29 @@ class Conversation:
             else:
                 self._end_listening(turn, "no_speech")
 
+    def _on_pause(self, turn: Turn, text: str) -> None:
+        """The visitor paused: start the reply now, to be played only if they are done."""
+        if not text or self.chat is None:
+            return
+        if turn.reply is not None and same_words(turn.reply.question, text):
+            return
+        self._drop_speculation(turn)
+        if text != turn.last_partial:
+            turn.last_partial = text
+            self._emit(EventType.TRANSCRIPT_PARTIAL, turn, text=text)
+        _LOGGER.debug("pause: starting a speculative reply to %r", text)
+        self._start_reply(turn, text, speculative=True)
+
+    def _drop_speculation(self, turn: Turn) -> None:
+        reply = turn.reply
+        if reply is not None and not reply.confirmed.is_set():
+            reply.cancel.set()
+            self.speaker.flush()
+            turn.reply = None
+
     def _end_listening(self, turn: Turn, outcome: str) -> None:
         self._listen_deadline = None
+        self._drop_speculation(turn)
         self._finish_turn(turn, outcome)
 
     def _on_final(self, turn: Turn, upd: Any, chunk: AudioChunk) -> None:
@@ -372,13 +434,29 @@ class Conversation:
         self._set_state(State.THINKING, turn)
         if self.wake is not None:
             self.wake.reset()  # it was not fed while listening
-        self._submit(("respond", turn, text))
+        reply = turn.reply
+        if reply is not None and not reply.cancel.is_set() and same_words(reply.question, text):
+            _LOGGER.debug("the speculative reply answers the final transcript: keeping it")
+            reply.confirm(self.speaker)
+        else:
+            self._drop_speculation(turn)
+            self._start_reply(turn, text, speculative=False)
+
+    def _start_reply(self, turn: Turn, question: str, *, speculative: bool, job: str = "respond") -> None:
+        reply = Reply(question, speculative=speculative)
+        if not speculative:
+            reply.confirmed.set()
+        turn.reply = reply
+        self._submit((job, turn, reply))
 
     # -- turn endings (any thread) ---------------------------------------------------
     def _abort(self, turn: Turn, reason: str) -> None:
         turn.cancel.set()
+        reply = turn.reply
+        if reply is not None:
+            reply.cancel.set()
         self.speaker.flush()
-        if turn.tts_started:
+        if reply is not None and "first_play" in reply.marks:
             self._emit(EventType.TTS_END, turn, interrupted=True)
         self._finish_turn(turn, reason)
 
@@ -389,9 +467,13 @@ class Conversation:
             turn.finished = True
             if self._turn is turn:
                 self._turn = None
+        if outcome == "done" and turn.text and turn.answer and turn.trigger != "say":
+            self.sessions.add_exchange(turn.text, turn.answer)
         self.sessions.touch()
+        reply = turn.reply
         self._emit(EventType.TURN_END, turn, outcome=outcome, trigger=turn.trigger,
-                   text=turn.text, reply=turn.reply, timings_ms=turn.timings_ms())
+                   text=turn.text, reply=turn.answer, speculative=bool(reply and reply.speculative),
+                   timings_ms=turn.timings_ms())
         self.turns_done += 1
         follow = self.cfg.conversation.follow_up_s
         with self._lock:
@@ -404,7 +486,7 @@ class Conversation:
                 self._requests.append(("follow-up", (nxt, self.clock.now() + follow)))
 
     # -- responder thread: the LLM ---------------------------------------------------
-    def _submit(self, job: tuple[str, Turn, str]) -> None:
+    def _submit(self, job: tuple[str, Turn, Any]) -> None:
         with self._jobs_cond:
             if job[0] == "prefill":
                 # Only the newest partial matters.
@@ -419,18 +501,25 @@ class Conversation:
                     self._jobs_cond.wait(0.5)
                 if self._stop.is_set():
                     return
-                kind, turn, text = self._jobs.popleft()
+                kind, turn, arg = self._jobs.popleft()
             if turn.cancel.is_set():
                 continue
             try:
                 if kind == "prefill":
-                    if self.chat is not None and self._turn is turn:
-                        self.chat.prefill(self.sessions.history(), text)
-                elif kind == "respond" or kind == "ask":
-                    self._respond(turn, text)
+                    # Never once a reply is under way: a prefill would cut its generation short.
+                    if self.chat is not None and self._turn is turn and turn.reply is None:
+                        self.chat.prefill(self.sessions.history(), arg)
+                elif arg.cancel.is_set():
+                    continue
+                elif kind in ("respond", "ask"):
+                    self._respond(turn, arg)
                 elif kind == "say":
-                    self._speak_text(turn, text)
+                    self._speak_text(turn, arg)
             except Exception as err:  # a stage failure ends the turn, never the daemon
+                if kind != "prefill" and arg.speculative and not arg.confirmed.is_set():
+                    _LOGGER.warning("speculative reply failed: %s", err)
+                    arg.cancel.set()
+                    continue
                 self._stage_failed(turn, err)
 
     def _stage_failed(self, turn: Turn, err: Exception) -> None:
@@ -442,112 +531,123 @@ class Conversation:
             self._emit(EventType.ERROR, turn, code="internal", message=f"{type(err).__name__}: {err}")
         self._abort(turn, "error")
 
-    def _queue_clause(self, turn: Turn, item: Any) -> bool:
-        while not turn.cancel.is_set() and not self._stop.is_set():
+    def _queue_clause(self, turn: Turn, reply: Reply, item: Any) -> bool:
+        while not reply.cancel.is_set() and not self._stop.is_set():
             try:
-                self._tts_q.put((turn, item), timeout=0.1)
+                self._tts_q.put((turn, reply, item), timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def _respond(self, turn: Turn, text: str) -> None:
+    def _await_confirmation(self, reply: Reply) -> bool:
+        """A speculative reply goes no further than the speaker's queue until confirmed."""
+        while not reply.confirmed.wait(0.05):
+            if reply.cancel.is_set() or self._stop.is_set():
+                return False
+        return not reply.cancel.is_set()
+
+    def _respond(self, turn: Turn, reply: Reply) -> None:
         if self.chat is None:
             raise StageError("no language model is configured (llm.model)", code="llm.missing")
-        llm = self.cfg.llm
-        tts = self.cfg.tts
+        llm, tts = self.cfg.llm, self.cfg.tts
         splitter = ClauseSplitter(tts.first_clause_min_words,
                                   first_max_words=max(tts.first_clause_max_words, tts.first_clause_min_words))
         history = self.sessions.history()
-        turn.marks["prefill_done"] = time.monotonic()
         deadline = time.monotonic() + llm.reply_timeout_s
         parts: list[str] = []
-        clauses = 0
-        tokens = 0
-        for piece in self.chat.stream(history, text, cancel=turn.cancel, max_tokens=llm.max_tokens,
+        clauses = tokens = 0
+        marks = reply.marks
+        for piece in self.chat.stream(history, reply.question, cancel=reply.cancel, max_tokens=llm.max_tokens,
                                       deadline=deadline):
             tokens += 1
             if tokens == 1:
-                turn.marks["first_token"] = time.monotonic()
+                marks["first_token"] = time.monotonic()
             parts.append(piece)
             for clause in splitter.push(piece):
                 if clauses == 0:
-                    turn.marks["first_clause"] = time.monotonic()
+                    marks["first_clause"] = time.monotonic()
                 clauses += 1
-                self._queue_clause(turn, clause)
-        turn.marks["reply_done"] = time.monotonic()
-        turn.marks["tokens"] = tokens
-        if turn.cancel.is_set():
+                self._queue_clause(turn, reply, clause)
+        marks["reply_done"] = time.monotonic()
+        stats = getattr(self.chat, "last_stats", None)
+        marks["tokens"] = getattr(stats, "generated_tokens", tokens) or tokens
+        if reply.cancel.is_set():
             return
         for clause in splitter.flush():
             if clauses == 0:
-                turn.marks["first_clause"] = time.monotonic()
+                marks["first_clause"] = time.monotonic()
             clauses += 1
-            self._queue_clause(turn, clause)
-        reply = "".join(parts).strip()
+            self._queue_clause(turn, reply, clause)
+        answer = "".join(parts).strip()
         if clauses == 0:
             # The model said nothing speakable: silence would leave the visitor waiting.
-            reply = llm.fallback_reply
-            turn.marks.setdefault("first_clause", time.monotonic())
-            self._queue_clause(turn, reply)
-        turn.reply = reply
-        self._emit(EventType.REPLY_FINAL, turn, text=reply, tokens=tokens)
-        self.sessions.add_exchange(text, reply)
-        self._queue_clause(turn, _END)
+            answer = llm.fallback_reply
+            marks.setdefault("first_clause", time.monotonic())
+            self._queue_clause(turn, reply, answer)
+        reply.answer = answer
+        if not self._await_confirmation(reply):
+            return
+        turn.answer = answer
+        self._emit(EventType.REPLY_FINAL, turn, text=answer, tokens=int(marks["tokens"]))
+        self._queue_clause(turn, reply, _END)
 
-    def _speak_text(self, turn: Turn, text: str) -> None:
+    def _speak_text(self, turn: Turn, reply: Reply) -> None:
         splitter = ClauseSplitter(self.cfg.tts.first_clause_min_words)
-        clauses = splitter.push(text) + splitter.flush()
-        turn.reply = text
-        for clause in clauses:
-            self._queue_clause(turn, clause)
-        self._queue_clause(turn, _END)
+        turn.answer = reply.answer = reply.question
+        for clause in splitter.push(reply.question) + splitter.flush():
+            self._queue_clause(turn, reply, clause)
+        self._queue_clause(turn, reply, _END)
 
     # -- TTS thread ------------------------------------------------------------------
     def _tts_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                turn, item = self._tts_q.get(timeout=0.5)
+                turn, reply, item = self._tts_q.get(timeout=0.5)
             except queue.Empty:
                 continue
-            if turn.cancel.is_set():
+            if reply.cancel.is_set():
                 continue
             try:
                 if item is _END:
-                    self._end_speaking(turn)
+                    self._end_speaking(turn, reply)
                 else:
-                    self._synthesize(turn, item)
+                    self._synthesize(turn, reply, item)
             except Exception as err:
+                if reply.speculative and not reply.confirmed.is_set():
+                    _LOGGER.warning("speculative synthesis failed: %s", err)
+                    reply.cancel.set()
+                    continue
                 self._stage_failed(turn, err)
 
-    def _synthesize(self, turn: Turn, clause: str) -> None:
+    def _synthesize(self, turn: Turn, reply: Reply, clause: str) -> None:
         if self.synth is None:
             raise StageError("no text-to-speech voice is configured (tts.model)", code="tts.missing")
-        if not turn.tts_started:
-            turn.tts_started = True
-            turn.gen = self.speaker.begin(on_start=lambda wall: self._on_first_play(turn, wall))
-        for audio in self.synth.synthesize(clause, turn.cancel):
-            if turn.cancel.is_set():
+        with reply.lock:
+            if not reply.tts_started:
+                reply.tts_started = True
+                reply.gen = self.speaker.begin(on_start=lambda wall: self._on_first_play(turn, reply, wall),
+                                               hold=not reply.confirmed.is_set())
+        for audio in self.synth.synthesize(clause, reply.cancel):
+            if reply.cancel.is_set():
                 return
-            if "tts_first_audio" not in turn.marks:
-                turn.marks["tts_first_audio"] = time.monotonic()
-            if not self.speaker.write(audio, turn.gen):
+            reply.marks.setdefault("tts_first_audio", time.monotonic())
+            if not self.speaker.write(audio, reply.gen):
                 return
 
-    def _on_first_play(self, turn: Turn, wall: float) -> None:
-        if turn.cancel.is_set():
+    def _on_first_play(self, turn: Turn, reply: Reply, wall: float) -> None:
+        if reply.cancel.is_set():
             return
-        turn.marks["first_play"] = wall
-        turn.spoke = True
+        reply.marks["first_play"] = wall
         self._set_state(State.SPEAKING, turn)
         self._emit(EventType.TTS_START, turn, timings_ms=turn.timings_ms())
 
-    def _end_speaking(self, turn: Turn) -> None:
+    def _end_speaking(self, turn: Turn, reply: Reply) -> None:
         while not self.speaker.drain(timeout=0.1):
-            if turn.cancel.is_set():
+            if reply.cancel.is_set():
                 return
-        if turn.cancel.is_set():
+        if reply.cancel.is_set():
             return
-        if turn.tts_started:
+        if reply.tts_started:
             self._emit(EventType.TTS_END, turn, interrupted=False)
         self._finish_turn(turn, "done")

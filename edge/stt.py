@@ -29,17 +29,28 @@ if TYPE_CHECKING:
 
 SPEECH_START = "speech_start"
 PARTIAL = "partial"
+PAUSE = "pause"
+RESUME = "resume"
 FINAL = "final"
 
 
 @dataclass(frozen=True)
 class SttUpdate:
-    kind: str  # "speech_start" | "partial" | "final"
-    text: str  # "" for speech_start
+    """What the recognizer heard.
+
+    ``pause`` comes when the visitor has been silent for ``stt.pause_s`` (well before the
+    endpoint), with the transcript so far: the conversation may start the reply then, to be
+    played only if the final transcript is the same. ``resume`` says speech went on after a
+    pause. A final whose speech ended where the pause's did carries the pause's text.
+    """
+
+    kind: str  # "speech_start" | "partial" | "pause" | "resume" | "final"
+    text: str  # "" for speech_start and resume
     # Seconds on the audio timeline: speech_start → when speech began; partial → end of the
-    # audio decoded so far; final → when the endpoint fired (or the audio ended, on finish()).
+    # audio decoded so far; pause → when the pause was noticed; final → when the endpoint
+    # fired (or the audio ended, on finish()).
     audio_time: float
-    speech_end: float | None = None  # final only: when the speech itself ended
+    speech_end: float | None = None  # pause and final: when the speech itself ended
     # Wall seconds the recognizer spent decoding in the call that produced this update.
     decode_s: float = 0.0
 

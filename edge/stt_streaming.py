@@ -21,7 +21,7 @@ import numpy as np
 
 from edge.audio.chunk import SAMPLE_RATE, AudioChunk
 from edge.errors import ModelError
-from edge.stt import (FINAL, PARTIAL, SPEECH_START, SttUpdate, Timeline, check_chunk,
+from edge.stt import (FINAL, PARTIAL, PAUSE, RESUME, SPEECH_START, SttUpdate, Timeline, check_chunk,
                       closed_error, import_sherpa)
 
 if TYPE_CHECKING:
@@ -93,6 +93,7 @@ class StreamingRecognizer:
         self._speech_at = -1.0  # timeline seconds of the first decoded word; -1 before it
         self._last_partial = ""
         self._last_partial_pos = 0
+        self._pause_text: str | None = None  # transcript at the pause in progress
         self._decode_s = 0.0  # decode time within the current call
 
     # -- Recognizer ---------------------------------------------------------------------------
@@ -108,6 +109,7 @@ class StreamingRecognizer:
         self._speech_at = -1.0
         self._last_partial = ""
         self._last_partial_pos = 0
+        self._pause_text: str | None = None
         for chunk in preroll:
             self._pending.extend(self._feed(chunk))
             if self._done:
@@ -185,6 +187,16 @@ class StreamingRecognizer:
             self._done = True  # cut while still speaking
             out.append(SttUpdate(FINAL, text, end, end, self._decode_s))
             return out
+        pause_s = self._cfg.pause_s
+        if text and 0 < pause_s < self._cfg.endpoint_silence_s:
+            if self._pause_text is not None and text != self._pause_text:
+                self._pause_text = None
+                out.append(SttUpdate(RESUME, "", end))
+            token_end = min(self._token_end(res), end)
+            if self._pause_text is None and end - token_end >= pause_s:
+                self._pause_text = text
+                out.append(SttUpdate(PAUSE, text, end, token_end, self._decode_s))
+                return out
         fed = self._timeline.fed
         interval = int(self._cfg.partial_interval_s * SAMPLE_RATE)
         if text and text != self._last_partial and fed - self._last_partial_pos >= interval:

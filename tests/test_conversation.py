@@ -59,13 +59,19 @@ class FakeWake:
 
 
 class FakeRecognizer:
-    """Counts speech chunks as words; endpoint after 10 silent chunks (200 ms)."""
+    """Counts speech chunks as words; endpoint after 10 silent chunks (200 ms).
 
-    def __init__(self) -> None:
+    With ``pause_after`` it also reports a pause after that many silent chunks, and a
+    resume when speech comes back before the endpoint.
+    """
+
+    def __init__(self, pause_after: int = 0) -> None:
         self.words = 0
         self.silent = 0
         self.started = 0
         self.speech_end: float | None = None
+        self.pause_after = pause_after
+        self.paused = False
 
     def start(self, preroll: list[AudioChunk]) -> None:
         self.words, self.silent, self.speech_end = 0, 0, None
@@ -76,6 +82,9 @@ class FakeRecognizer:
         if chunk.samples[0] == SPEECH:
             if self.words == 0:
                 out.append(Upd("speech_start", "", chunk.start_s))
+            if self.paused:
+                self.paused = False
+                out.append(Upd("resume", "", chunk.start_s))
             self.words += 1
             self.silent = 0
             self.speech_end = chunk.end_s
@@ -83,7 +92,11 @@ class FakeRecognizer:
                 out.append(Upd("partial", self.text(), chunk.end_s))
         elif self.words:
             self.silent += 1
+            if self.pause_after and self.silent == self.pause_after:
+                self.paused = True
+                out.append(Upd("pause", self.text(), chunk.end_s, self.speech_end))
             if self.silent == 10:
+                self.paused = False
                 out.append(Upd("final", self.text(), chunk.end_s, self.speech_end))
                 self.words = 0
         return out
@@ -147,7 +160,8 @@ def audio(*parts: tuple[int, float]) -> np.ndarray:
     return np.concatenate([np.full(int(16000 * s), code, dtype=np.int16) for code, s in parts])
 
 
-def make(cfg: Config | None = None, chat: FakeChat | None = None, synth: FakeSynth | None = None):
+def make(cfg: Config | None = None, chat: FakeChat | None = None, synth: FakeSynth | None = None,
+         recognizer: FakeRecognizer | None = None):
     cfg = cfg or Config()
     cfg = replace(cfg, stt=replace(cfg.stt, no_speech_timeout_s=1.0))
     bus = EventBus()
@@ -157,7 +171,7 @@ def make(cfg: Config | None = None, chat: FakeChat | None = None, synth: FakeSyn
     synth = synth or FakeSynth()
     speaker = WavSpeaker(synth.sample_rate, None, clock)
     conv = Conversation(cfg, bus=bus, clock=clock, speaker=speaker, wake=FakeWake(),
-                        recognizer=FakeRecognizer(), chat=chat or FakeChat(), synth=synth)
+                        recognizer=recognizer or FakeRecognizer(), chat=chat or FakeChat(), synth=synth)
     conv.start()
     return conv, clock, events, speaker
 
@@ -316,3 +330,52 @@ def test_cancel_and_mute() -> None:
     conv.stop()
     ends = [e for e in events if e.type.value == "turn.end"]
     assert [e.data["outcome"] for e in ends] == ["cancelled"]
+
+
+def test_reply_started_at_a_pause_is_kept_when_the_final_agrees() -> None:
+    chat = FakeChat(delay=0.0)
+    conv, clock, events, speaker = make(chat=chat, recognizer=FakeRecognizer(pause_after=3))
+    run(conv, clock, audio((WAKE, 0.3), (SILENCE, 0.1), (SPEECH, 0.6), (SILENCE, 0.6)))
+    assert len(chat.calls) == 1, "one LLM call: the speculative one"
+    kinds = types(events)
+    # Nothing is heard before the question is final.
+    assert kinds.index("transcript.final") < kinds.index("tts.start")
+    end = [e for e in events if e.type.value == "turn.end"][0]
+    assert end.data["outcome"] == "done" and end.data["speculative"] is True
+    t = end.data["timings_ms"]
+    # The reply was ready before the endpoint: the first token came during the pause.
+    assert t["llm_first_token"] < t["endpoint_delay"] <= t["end_of_speech_to_first_audio"]
+    assert len(speaker.audio()) == pytest.approx(16000 * 0.05 * 10, abs=400)
+
+
+def test_reply_started_at_a_pause_is_dropped_when_the_visitor_goes_on() -> None:
+    chat = FakeChat(delay=0.02)
+    synth = FakeSynth()
+    conv, clock, events, speaker = make(chat=chat, synth=synth, recognizer=FakeRecognizer(pause_after=3))
+    run(conv, clock, audio((WAKE, 0.3), (SILENCE, 0.1), (SPEECH, 0.5), (SILENCE, 0.1), (SPEECH, 0.3),
+                           (SILENCE, 0.6)))
+    questions = [q for _, q in chat.calls]
+    # The first pause's reply is abandoned when speech resumes; the second pause's is kept.
+    assert questions == [" ".join(["word"] * 25), " ".join(["word"] * 40)]
+    replies = [e for e in events if e.type.value == "reply.final"]
+    assert len(replies) == 1
+    end = [e for e in events if e.type.value == "turn.end"][0]
+    assert end.data["outcome"] == "done" and end.data["speculative"] is True
+    assert end.data["text"] == questions[-1]
+    # Only the kept reply was ever played.
+    assert len(speaker.audio()) == pytest.approx(16000 * 0.05 * 10, abs=400)
+
+
+def test_final_that_differs_from_the_pause_gets_a_fresh_reply() -> None:
+    class Rewriting(FakeRecognizer):
+        def accept(self, chunk):
+            return [Upd(u.kind, u.text + " indeed", u.audio_time, u.speech_end) if u.kind == "final" else u
+                    for u in super().accept(chunk)]
+
+    chat = FakeChat(delay=0.0)
+    conv, clock, events, speaker = make(chat=chat, recognizer=Rewriting(pause_after=3))
+    run(conv, clock, audio((WAKE, 0.3), (SILENCE, 0.1), (SPEECH, 0.6), (SILENCE, 0.6)))
+    assert [q for _, q in chat.calls] == [" ".join(["word"] * 30), " ".join(["word"] * 30) + " indeed"]
+    end = [e for e in events if e.type.value == "turn.end"][0]
+    assert end.data["speculative"] is False and end.data["outcome"] == "done"
+    assert len(speaker.audio()) == pytest.approx(16000 * 0.05 * 10, abs=400)

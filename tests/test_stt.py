@@ -22,7 +22,7 @@ import pytest
 from edge.audio.chunk import SAMPLE_RATE, AudioChunk, resample
 from edge.config import SttConfig
 from edge.errors import AudioError, ConfigError, ModelError, StageError
-from edge.stt import (FINAL, PARTIAL, SPEECH_START, Recognizer, SttUpdate, Timeline,
+from edge.stt import (FINAL, PARTIAL, PAUSE, RESUME, SPEECH_START, Recognizer, SttUpdate, Timeline,
                       clean_transcript, make_recognizer)
 from edge.stt_models import identify_stt_model, identify_vad_model, read_onnx_info, read_tokens
 
@@ -502,3 +502,51 @@ def test_whisper_partials_follow_interval(whisper_files: dict[str, Path], vad_fi
     assert updates[-1].kind == FINAL
     assert wer("can you recommend a good restaurant nearby", updates[-1].text)[0] <= 1
     rec.close()
+
+
+# --- pauses: the cue for a speculative reply ---------------------------------------------------
+
+def test_whisper_pause_comes_before_the_final_and_the_final_reuses_it(whisper: Recognizer, say) -> None:
+    speech = say("what is the capital of france")
+    updates = run(whisper, np.concatenate([silence(0.6), speech, silence(1.5)]))
+    k = kinds(updates)
+    assert k.count(PAUSE) == 1 and k.index(PAUSE) < k.index(FINAL) and RESUME not in k
+    pause, final = updates[k.index(PAUSE)], updates[-1]
+    offset = 0.6 + len(speech) / SAMPLE_RATE
+    # The pause is noticed a fraction of a second after the words end, long before the endpoint.
+    assert pause.audio_time - pause.speech_end <= 0.45 and final.audio_time - pause.audio_time >= 0.3
+    assert abs(pause.speech_end - offset) <= 0.25
+    assert final.text == pause.text and final.decode_s == 0.0, "the final reuses the pause's decode"
+    assert wer("what is the capital of france", final.text)[0] == 0
+
+
+def test_whisper_speech_after_a_pause_resumes(whisper: Recognizer, say) -> None:
+    audio = np.concatenate([silence(0.5), say("turn on the lights"), silence(0.45),
+                            say("in the kitchen"), silence(1.5)])
+    updates = run(whisper, audio)
+    k = kinds(updates)
+    assert k.count(FINAL) == 1 and k.count(PAUSE) == 2
+    first, second = (u for u in updates if u.kind == PAUSE)
+    assert k.index(RESUME) < k.index(FINAL) and updates.index(first) < k.index(RESUME)
+    assert wer("turn on the lights", first.text)[0] <= 1
+    assert updates[-1].text == second.text and wer("turn on the lights in the kitchen", second.text)[0] <= 1
+
+
+def test_pause_can_be_turned_off(whisper_files: dict[str, Path], vad_files: dict[str, Path], say) -> None:
+    cfg = SttConfig(engine="vad-offline", endpoint_silence_s=0.8, partial_interval_s=1.0, pause_s=0.0)
+    rec = make_recognizer(cfg, whisper_files, vad_files)
+    try:
+        updates = run(rec, np.concatenate([silence(0.5), say("turn on the lights"), silence(1.5)]))
+    finally:
+        rec.close()
+    assert PAUSE not in kinds(updates) and kinds(updates)[-1] == FINAL and updates[-1].decode_s > 0
+
+
+def test_streaming_pause_before_endpoint(streaming: Recognizer, say) -> None:
+    updates = run(streaming, np.concatenate([silence(0.5), say("hello there how are you"), silence(1.5)]))
+    k = kinds(updates)
+    if FINAL not in k:
+        pytest.skip("the random model decoded no words for this audio")
+    assert PAUSE in k and k.index(PAUSE) < k.index(FINAL)
+    pause, final = updates[k.index(PAUSE)], updates[-1]
+    assert pause.text == final.text and pause.audio_time < final.audio_time

@@ -33,7 +33,8 @@ class Speaker(Protocol):
     rate: int
     volume: float
 
-    def begin(self, on_start: Callable[[float], None] | None = None) -> int: ...
+    def begin(self, on_start: Callable[[float], None] | None = None, *, hold: bool = False) -> int: ...
+    def release(self, gen: int) -> None: ...
     def write(self, samples: np.ndarray) -> bool: ...
     def drain(self, timeout: float | None = None) -> bool: ...
     def flush(self) -> None: ...
@@ -51,6 +52,7 @@ class QueuedSpeaker:
         self._q: collections.deque[tuple[int, np.ndarray]] = collections.deque()
         self._cond = threading.Condition()
         self._gen = 0  # utterance generation; flush bumps it so stale writes are dropped
+        self._held = False
         self._on_start: Callable[[float], None] | None = None
         self._started = True
         self._playing = False
@@ -60,13 +62,25 @@ class QueuedSpeaker:
         self.playing_gen = 0
 
     # -- producer side -------------------------------------------------------------
-    def begin(self, on_start: Callable[[float], None] | None = None) -> int:
-        """Start an utterance; ``on_start(wall_time)`` fires when its first block plays."""
+    def begin(self, on_start: Callable[[float], None] | None = None, *, hold: bool = False) -> int:
+        """Start an utterance; ``on_start(wall_time)`` fires when its first block plays.
+
+        With ``hold`` its audio is queued but not played until :meth:`release` (a reply
+        prepared before the visitor has surely finished speaking).
+        """
         self._ensure_thread()
         with self._cond:
             self._on_start = on_start
             self._started = False
+            self._held = hold
             return self._gen
+
+    def release(self, gen: int) -> None:
+        """Let a held utterance play (if it is still the current one)."""
+        with self._cond:
+            if gen == self._gen:
+                self._held = False
+                self._cond.notify_all()
 
     def write(self, samples: np.ndarray, gen: int | None = None) -> bool:
         """Queue audio; blocks while the queue is full. False once flushed."""
@@ -97,6 +111,7 @@ class QueuedSpeaker:
     def flush(self) -> None:
         with self._cond:
             self._gen += 1
+            self._held = False
             self._q.clear()
             self._cond.notify_all()
         self._after_flush()
@@ -119,7 +134,7 @@ class QueuedSpeaker:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._q and not self._closed:
+                while (not self._q or self._held) and not self._closed:
                     self._playing = False
                     self._cond.notify_all()
                     self._cond.wait(0.1)
@@ -181,10 +196,10 @@ class WavSpeaker(QueuedSpeaker):
         # so a test can say when, on the microphone's timeline, output really stopped.
         self.played: list[tuple[int, float, int]] = []
 
-    def begin(self, on_start: Callable[[float], None] | None = None) -> int:
+    def begin(self, on_start: Callable[[float], None] | None = None, *, hold: bool = False) -> int:
         if self._pieces:
             self._pieces.append(self._gap)
-        return super().begin(on_start)
+        return super().begin(on_start, hold=hold)
 
     def _output(self, block: np.ndarray) -> None:
         if self._realtime:
