@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator, Mapping
+from typing import Mapping
 
+from edge.onnxmeta import OnnxInfo, read_onnx_info
 from edge.errors import ModelError
 
 _LOGGER = logging.getLogger(__name__)
@@ -65,16 +66,6 @@ _CTC_BLANKS = ("<blk>", "<eps>", "<blank>")
 
 
 @dataclass(frozen=True)
-class OnnxInfo:
-    """What sherpa-onnx reads from an ONNX file before running it."""
-
-    ir_version: int
-    metadata: dict[str, str]
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-
-
-@dataclass(frozen=True)
 class SttModel:
     """A recognised speech-to-text model: its kind and its files by role."""
 
@@ -86,91 +77,6 @@ class SttModel:
     @property
     def streaming(self) -> bool:
         return KINDS[self.kind]
-
-
-# --- a protobuf scanner just deep enough for ModelProto / GraphProto headers -----------------
-
-def _varint(f: BinaryIO) -> int:
-    shift = result = 0
-    while True:
-        b = f.read(1)
-        if not b:
-            raise EOFError
-        result |= (b[0] & 0x7F) << shift
-        if not b[0] & 0x80:
-            return result
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def _fields(f: BinaryIO, end: int) -> Iterator[tuple[int, int, int]]:
-    """Yield (field number, wire type, value or length) until offset ``end``.
-
-    For length-delimited fields the caller reads or skips the payload; ``_fields`` seeks to
-    where the payload ends before reading the next tag.
-    """
-    while f.tell() < end:
-        key = _varint(f)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            yield number, wire, _varint(f)
-        elif wire == 1:
-            f.seek(8, 1)
-        elif wire == 5:
-            f.seek(4, 1)
-        elif wire == 2:
-            length = _varint(f)
-            start = f.tell()
-            yield number, wire, length
-            f.seek(start + length)
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-    if f.tell() != end:
-        raise ValueError("field runs past its message")
-
-
-def _string_fields(f: BinaryIO, length: int, wanted: tuple[int, ...]) -> dict[int, str]:
-    out: dict[int, str] = {}
-    for number, wire, value in _fields(f, f.tell() + length):
-        if wire == 2 and number in wanted:
-            out[number] = f.read(value).decode("utf-8", errors="replace")
-    return out
-
-
-def read_onnx_info(path: Path) -> OnnxInfo:
-    """IR version, metadata and graph input/output names of an ONNX file, without the weights."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            ir_version = 0
-            metadata: dict[str, str] = {}
-            inputs: list[str] = []
-            outputs: list[str] = []
-            for number, wire, value in _fields(f, size):
-                if number == 1 and wire == 0:  # ir_version
-                    ir_version = value
-                elif number == 14 and wire == 2:  # metadata_props
-                    kv = _string_fields(f, value, (1, 2))
-                    metadata[kv.get(1, "")] = kv.get(2, "")
-                elif number == 7 and wire == 2:  # graph
-                    for gnum, gwire, glen in _fields(f, f.tell() + value):
-                        if gwire == 2 and gnum in (11, 12):  # input, output ValueInfoProto
-                            name = _string_fields(f, glen, (1,)).get(1, "")
-                            (inputs if gnum == 11 else outputs).append(name)
-    except FileNotFoundError:
-        raise ModelError(f"speech-to-text model file {path} is missing: reinstall the model with "
-                         "`edge-voice models`", code="model.missing") from None
-    except OSError as err:
-        raise ModelError(f"cannot read model file {path}: {err.strerror}",
-                         code="model.unreadable") from None
-    except (EOFError, ValueError):
-        raise ModelError(f"{path} is not a valid ONNX file (truncated or corrupt): reinstall the "
-                         "model with `edge-voice models`", code="model.invalid") from None
-    if ir_version == 0:
-        raise ModelError(f"{path} is not an ONNX model (no IR version): reinstall the model",
-                         code="model.invalid")
-    return OnnxInfo(ir_version, metadata, tuple(inputs), tuple(outputs))
 
 
 # --- checks ----------------------------------------------------------------------------------

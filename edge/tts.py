@@ -101,7 +101,7 @@ def normalize_for_speech(text: str, language: str = "en") -> str:
 # --- checks before sherpa-onnx sees a file ----------------------------------------------
 
 def _read_metadata(path: Path) -> dict[str, str]:
-    from edge.models.piper import read_onnx_metadata
+    from edge.onnxmeta import read_onnx_metadata
 
     return read_onnx_metadata(path)
 

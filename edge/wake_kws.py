@@ -12,16 +12,15 @@ trip over is checked here first and reported as a ModelError or ConfigError.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
 
 from edge.audio.chunk import SAMPLE_RATE, AudioChunk
 from edge.config import WakeConfig, WakeWord
+from edge.onnxmeta import read_onnx_metadata
 from edge.errors import ConfigError, MissingDependency, ModelError, StageError
 from edge.wake import Trigger, WakeHit
 
@@ -45,73 +44,6 @@ _ENCODER_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-# --- ONNX metadata without onnx or onnxruntime ------------------------------------------------
-
-def _varint(f: BinaryIO) -> int | None:
-    shift = result = 0
-    while True:
-        b = f.read(1)
-        if not b:
-            if shift:
-                raise ValueError("truncated varint")
-            return None
-        result |= (b[0] & 0x7F) << shift
-        if b[0] < 0x80:
-            return result
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def _skip(f: BinaryIO, wire: int) -> None:
-    if wire == 0:
-        _varint(f)
-    elif wire in (1, 5):
-        f.seek(8 if wire == 1 else 4, 1)
-    else:
-        raise ValueError(f"unsupported protobuf wire type {wire}")
-
-
-def _strings(data: bytes) -> dict[int, bytes]:
-    """The length-delimited fields of a small protobuf message."""
-    out: dict[int, bytes] = {}
-    f = io.BytesIO(data)
-    while (tag := _varint(f)) is not None:
-        if tag & 7 == 2:
-            out[tag >> 3] = f.read(_varint(f) or 0)
-        else:
-            _skip(f, tag & 7)
-    return out
-
-
-def onnx_metadata(path: Path) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file, reading past the graph without parsing it.
-
-    Raises ValueError when the file is not an ONNX model (a protobuf ModelProto with a graph).
-    """
-    props: dict[str, str] = {}
-    seen_graph = False
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        while (tag := _varint(f)) is not None:
-            field, wire = tag >> 3, tag & 7
-            if wire == 2:
-                n = _varint(f)
-                if n is None or f.tell() + n > size:
-                    raise ValueError("truncated field")
-                if field == 14:  # metadata_props: StringStringEntryProto {key = 1, value = 2}
-                    entry = _strings(f.read(n))
-                    props[entry.get(1, b"").decode()] = entry.get(2, b"").decode()
-                else:
-                    seen_graph |= field == 7
-                    f.seek(n, 1)
-            else:
-                _skip(f, wire)
-    if not seen_graph:
-        raise ValueError("no graph in the file")
-    return props
-
-
 # --- checks before sherpa sees the files --------------------------------------------------------
 
 def _pick(files: dict[str, Path], role: str, model_id: str) -> Path:
@@ -126,12 +58,7 @@ def _pick(files: dict[str, Path], role: str, model_id: str) -> Path:
 
 
 def _metadata(path: Path) -> dict[str, str]:
-    if not path.is_file():
-        raise ModelError(f"{path}: model file not found", code="model.missing")
-    try:
-        return onnx_metadata(path)
-    except (ValueError, UnicodeDecodeError, OSError) as err:
-        raise ModelError(f"{path}: not an ONNX model ({err})", code="model.invalid") from None
+    return read_onnx_metadata(path)
 
 
 def _ints(meta: dict[str, str], key: str, path: Path, what: str) -> list[int]:

@@ -14,9 +14,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pytest
 
-from edge.audio.chunk import CHUNK_SAMPLES, AudioChunk
+from edge.audio.chunk import AudioChunk
 from edge.audio.playback import WavSpeaker
-from edge.config import Config, ConversationConfig, LlmConfig, SttConfig
+from edge.config import Config, ConversationConfig
 from edge.conversation import Conversation, State
 from edge.errors import StageError
 from edge.events import EventBus

@@ -16,7 +16,6 @@ import time
 import wave
 from pathlib import Path
 
-import pytest
 
 from edge.audio.wav import write_wav
 from mosquitto import Mosquitto, Probe

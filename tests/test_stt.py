@@ -208,7 +208,7 @@ def test_ir_version_too_new_is_refused(tmp_path: Path) -> None:
 
 
 def test_whisper_metadata_is_checked(tmp_path: Path) -> None:
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
     def tiny(path: Path, meta: dict[str, str]) -> None:

@@ -394,10 +394,10 @@ def test_kws_missing_or_broken_files(tiny_kws, tmp_path):
 
 def test_onnx_metadata_reader_agrees_with_onnx(files, tiny_kws):
     onnx = pytest.importorskip("onnx")
-    from edge.wake_kws import onnx_metadata
+    from edge.onnxmeta import read_onnx_metadata
 
     for path in (tiny_kws["encoder-tiny.onnx"], tiny_kws["decoder-tiny.onnx"], files["hey_jarvis_v0.1.onnx"]):
         expected = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        assert onnx_metadata(path) == expected
-    with pytest.raises(ValueError):
-        onnx_metadata(tiny_kws["tokens.txt"])
+        assert read_onnx_metadata(path) == expected
+    with pytest.raises(ModelError):
+        read_onnx_metadata(tiny_kws["tokens.txt"])

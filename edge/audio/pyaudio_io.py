@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge.audio.buffers import DropOldestQueue
-from edge.audio.chunk import CHUNK_SAMPLES, SAMPLE_RATE, AudioChunk, Rechunker, Resampler, to_mono_int16
+from edge.audio.chunk import CHUNK_SAMPLES, SAMPLE_RATE, AudioChunk, Rechunker, Resampler
 from edge.audio.playback import QueuedSpeaker
 from edge.errors import AudioError, MissingDependency
 

@@ -198,8 +198,8 @@ class Fetcher:
             return None
         return (f"the manifest has no sha256 for {blind[0]}"
                 + (f" (and {len(blind) - 1} more)" if len(blind) > 1 else "")
-                + f": add the publisher's checksums to the manifest, or fetch with --trust-on-first-use "
-                  f"to record what is downloaded now")
+                + ": add the publisher's checksums to the manifest, or fetch with --trust-on-first-use "
+                  "to record what is downloaded now")
 
     def _install(self, spec: ModelSpec) -> FetchResult:
         pins = self.store.pins(spec.id)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable
 
+from edge.models.store import fsync_dir
+from edge.onnxmeta import read_onnx_metadata  # noqa: F401  (re-exported)
 from edge.errors import ModelError
 
 _LOGGER = logging.getLogger(__name__)
@@ -153,31 +155,6 @@ def _encode_entry(key: str, value: str) -> bytes:
     return _len_field(_METADATA_PROPS, _len_field(1, key.encode()) + _len_field(2, value.encode()))
 
 
-def read_onnx_metadata(path: Path) -> dict[str, str]:
-    """An ONNX model's ``metadata_props`` (later entries win), read without loading the graph.
-
-    Raises ModelError naming the file when it is missing or not an ONNX model.
-    """
-    try:
-        with open(path, "rb") as f:
-            fields = _scan_model(f, os.fstat(f.fileno()).st_size)
-    except FileNotFoundError:
-        raise ModelError(f"{path}: model file not found", code="model.missing") from None
-    except OSError as err:
-        raise ModelError(f"{path}: cannot read the model: {err.strerror or err}") from None
-    except ValueError as err:
-        raise ModelError(f"{path}: not an ONNX model ({err})", code="model.invalid") from None
-    meta: dict[str, str] = {}
-    for fld in fields:
-        if fld.value is not None:
-            try:
-                key, value = _decode_entry(fld.value)
-            except ValueError as err:
-                raise ModelError(f"{path}: not an ONNX model ({err})", code="model.invalid") from None
-            meta[key] = value
-    return meta
-
-
 def _fmt(value: Any) -> str:
     if isinstance(value, bool):
         return str(int(value))
@@ -291,19 +268,6 @@ def _copy_ranges(src: BinaryIO, dst: BinaryIO, ranges: Iterable[tuple[int, int]]
             left -= len(block)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # not every filesystem can sync a directory
-    finally:
-        os.close(fd)
-
-
 def prepare_piper_voice(onnx_path: Path, json_path: Path, out_dir: Path) -> dict[str, Path]:
     """Write ``out_dir/model.onnx`` and ``out_dir/tokens.txt`` for sherpa-onnx.
 
@@ -345,7 +309,7 @@ def prepare_piper_voice(onnx_path: Path, json_path: Path, out_dir: Path) -> dict
             _atomic_write(model_out, write_model)
             text = "".join(f"{sym} {i}\n" for sym, i in tokens).encode("utf-8")
             _atomic_write(tokens_out, lambda dst: dst.write(text))
-            _fsync_dir(out_dir)
+            fsync_dir(out_dir)
         except OSError as err:
             raise ModelError(f"{out_dir}: cannot write the prepared voice: {err.strerror or err}",
                              code="model.write") from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 from edge.errors import EdgeError
 from edge.mqtt import commands as cmds
