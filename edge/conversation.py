@@ -187,6 +187,8 @@ class Conversation:
                                  chat.count_tokens if chat is not None else None)
         self.preroll = PreRoll(cfg.audio.preroll_ms)
         self.muted = False
+        # Handset off the hook: listen again after every turn, with no wake word, until on-hook.
+        self.continuous = False
         self._lock = threading.RLock()
         self._state = State.IDLE
         self._turn: Turn | None = None
@@ -288,6 +290,24 @@ class Conversation:
         self._abort(turn, reason)
         return True
 
+    def off_hook(self, greeting: str = "") -> None:
+        """A handset was lifted: a fresh session, a greeting, then listening turn after turn."""
+        self.cancel(reason="off_hook")
+        ended = self.sessions.end()
+        self._emit(EventType.SESSION_END, None, reason="off_hook", ended=ended.id)
+        self.continuous = True
+        if greeting:
+            self.say(greeting)
+        else:
+            self.push_to_talk()
+
+    def on_hook(self) -> None:
+        """The handset was put down: stop, and forget the conversation."""
+        self.continuous = False
+        self.cancel(reason="on_hook")
+        ended = self.sessions.end()
+        self._emit(EventType.SESSION_END, None, reason="on_hook", ended=ended.id)
+
     def mute(self) -> None:
         self.muted = True
         self.cancel(reason="muted")
@@ -382,9 +402,9 @@ class Conversation:
         now = chunk.end_s
         stt = self.cfg.stt
         start = turn.listen_start or 0.0
-        timed_out = (not turn.speech_started and (
+        timed_out = not turn.speech_started and not self.continuous and (
             now - start > stt.no_speech_timeout_s
-            or (self._listen_deadline is not None and now > self._listen_deadline)))
+            or (self._listen_deadline is not None and now > self._listen_deadline))
         too_long = turn.speech_started and now - start > stt.max_utterance_s
         if timed_out or too_long:
             final = self.recognizer.finish()
@@ -480,7 +500,11 @@ class Conversation:
             no_turn = self._turn is None
         if no_turn:
             self._set_state(State.IDLE)
-        if outcome == "done" and follow > 0 and not self.muted and turn.trigger != "say":
+        if self.continuous and not self.muted and outcome not in ("on_hook", "off_hook", "shutdown"):
+            nxt = Turn(trigger="handset", session_id=self.sessions.current().id)
+            with self._lock:
+                self._requests.append(("follow-up", (nxt, None)))
+        elif outcome == "done" and follow > 0 and not self.muted and turn.trigger != "say":
             nxt = Turn(trigger="follow-up", session_id=self.sessions.current().id)
             with self._lock:
                 self._requests.append(("follow-up", (nxt, self.clock.now() + follow)))

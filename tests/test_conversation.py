@@ -379,3 +379,35 @@ def test_final_that_differs_from_the_pause_gets_a_fresh_reply() -> None:
     end = [e for e in events if e.type.value == "turn.end"][0]
     assert end.data["speculative"] is False and end.data["outcome"] == "done"
     assert len(speaker.audio()) == pytest.approx(16000 * 0.05 * 10, abs=400)
+
+
+def test_handset_greets_listens_without_wake_and_forgets_on_hook() -> None:
+    chat = FakeChat(delay=0.0)
+    synth = FakeSynth()
+    conv, clock, events, _ = make(chat=chat, synth=synth)
+    conv.off_hook("Hello, how can I help?")
+    # Two questions with no wake word, then a long silence: a handset keeps listening.
+    samples = audio((SILENCE, 1.5), (SPEECH, 0.4), (SILENCE, 1.5), (SPEECH, 0.4), (SILENCE, 8.0))
+    done = threading.Event()
+
+    def hang_up_later() -> None:
+        while sum(1 for e in events if e.type.value == "reply.final") < 2:
+            time.sleep(0.02)
+        time.sleep(0.5)
+        conv.on_hook()
+        done.set()
+
+    threading.Thread(target=hang_up_later, daemon=True).start()
+    run(conv, clock, samples)
+    assert done.wait(10)
+    starts = [e.data["trigger"] for e in events if e.type.value == "turn.start"]
+    assert starts[:3] == ["say", "handset", "handset"]
+    assert synth.texts[0] == "Hello, how can I help?"
+    assert "wake" not in types(events)
+    # The second question remembered the first; hanging up forgot both.
+    assert len(chat.calls[1][0]) == 2
+    ends = [e for e in events if e.type.value == "turn.end"]
+    assert ends[-1].data["outcome"] == "on_hook"
+    assert not [e for e in events if e.type.value == "turn.end" and e.data["outcome"] == "no_speech"]
+    assert conv.sessions.history() == []
+    assert [e.data["reason"] for e in events if e.type.value == "session.end"] == ["off_hook", "on_hook"]
