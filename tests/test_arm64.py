@@ -24,12 +24,12 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 BUILD_WHEELS = SCRIPTS / "build-wheels"
 SMOKE = SCRIPTS / "arm64-smoke"
-sys.path.insert(0, str(SCRIPTS / "arm64"))
+sys.path.append(str(SCRIPTS / "arm64"))
 
-import common  # noqa: E402
-import wheel as wheelmod  # noqa: E402
-from binfmt import parse_entry, registration_line  # noqa: E402
-from cpuinfo import cpuinfo  # noqa: E402
+import arm64_common as common  # noqa: E402
+import arm64_wheel as wheelmod  # noqa: E402
+from arm64_binfmt import parse_entry, registration_line  # noqa: E402
+from arm64_cpuinfo import cpuinfo  # noqa: E402
 
 
 def script(path: Path) -> ModuleType:

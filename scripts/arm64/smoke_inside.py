@@ -1,0 +1,180 @@
+"""The work ``scripts/arm64-smoke`` runs inside the emulated arm64 root (and natively, as a reference).
+
+Loads the real stages of the config through their factories and runs each once on real input:
+``edge-voice check``, a transcription of a speech WAV, the wake word on a WAV, a chat turn on a
+GGUF and a synthesized reply. Writes what it got as JSON (``--out``) and the reply audio as a WAV
+(``--reply-wav``); judging the results is the caller's job (it compares them with a native run).
+
+Only the standard library and edge-voice with its stage extras are needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def read_wav(path: Path) -> np.ndarray:
+    """A mono 16-bit WAV of any rate as 16 kHz int16 samples."""
+    from edge.audio.chunk import resample
+
+    with wave.open(str(path), "rb") as w:
+        if (w.getnchannels(), w.getsampwidth()) != (1, 2):
+            raise SystemExit(f"{path}: expected mono 16-bit audio")
+        rate = w.getframerate()
+        samples = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.int16)
+    return resample(samples, rate, 16000)
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(np.asarray(samples, dtype="<i2").tobytes())
+
+
+def chunks(samples: np.ndarray) -> list[Any]:
+    from edge.audio.chunk import CHUNK_SAMPLES, AudioChunk
+
+    return [AudioChunk(samples[i:i + CHUNK_SAMPLES].copy(), i) for i in range(0, len(samples), CHUNK_SAMPLES)]
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("edge-voice", "numpy", "onnxruntime", "sherpa-onnx", "piper-phonemize", "llama-cpp-python"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+def run_check(config: Path) -> dict[str, Any]:
+    exe = Path(sys.executable).with_name("edge-voice")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "edge"]
+    proc = subprocess.run([*cmd, "check", "--config", str(config)], capture_output=True, text=True, timeout=600)
+    return {"rc": proc.returncode, "output": (proc.stdout + proc.stderr).strip()}
+
+
+def transcribe(cfg: Any, files: dict[str, Any], audio: np.ndarray) -> str:
+    from edge.stt import FINAL, make_recognizer
+
+    rec = make_recognizer(cfg.stt, files["stt"], files["vad"])
+    try:
+        rec.start([])
+        finals = [u.text for c in chunks(audio) for u in rec.accept(c) if u.kind == FINAL]
+        last = rec.finish()
+        if last is not None and last.kind == FINAL:
+            finals.append(last.text)
+    finally:
+        rec.close()
+    return " ".join(t for t in finals if t)
+
+
+def wake(cfg: Any, files: dict[str, Any], audio: np.ndarray) -> list[dict[str, Any]]:
+    from edge.wake import make_wake_detector
+
+    det = make_wake_detector(cfg.wake, files["wake"])
+    if det is None:
+        raise SystemExit("the config has no wake word engine")
+    try:
+        return [{"word": h.word, "score": round(float(h.score), 4), "audio_time": round(h.audio_time, 3)}
+                for c in chunks(audio) for h in det.process(c)]
+    finally:
+        det.close()
+
+
+def chat(cfg: Any, gguf: Path, text: str) -> str:
+    from edge.llm import make_chat_model
+
+    model = make_chat_model(cfg.llm, gguf)
+    try:
+        model.warm(cfg.llm.system_prompt)
+        return "".join(model.stream([], text, cancel=threading.Event()))
+    finally:
+        model.close()
+
+
+def synthesize(cfg: Any, files: dict[str, Any], text: str) -> tuple[np.ndarray, int]:
+    from edge.tts import make_synthesizer
+
+    synth = make_synthesizer(cfg.tts, files["tts"])
+    try:
+        pieces = list(synth.synthesize(text, threading.Event()))
+        rate = synth.sample_rate
+    finally:
+        synth.close()
+    return (np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int16)), rate
+
+
+def timed(results: dict[str, Any], name: str, fn: Any, *args: Any) -> Any:
+    t0 = time.monotonic()
+    value = fn(*args)
+    results.setdefault("seconds", {})[name] = round(time.monotonic() - t0, 2)
+    print(f"  {name}: {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--transcribe", type=Path, metavar="WAV",
+                   help="only print the transcript of this WAV (with a half second of silence around it)")
+    p.add_argument("--speech", type=Path, help="16 kHz WAV of a question")
+    p.add_argument("--wake", type=Path, help="16 kHz WAV with the wake word")
+    p.add_argument("--gguf", type=Path, help="chat model for the turn")
+    p.add_argument("--out", type=Path, help="results as JSON")
+    p.add_argument("--reply-wav", type=Path, help="where to write the synthesized reply")
+    args = p.parse_args(argv)
+
+    from edge.config import load_config
+    from edge.models.registry import ModelRegistry
+
+    cfg = load_config(args.config)
+    registry = ModelRegistry(cfg.models_dir)
+    if args.transcribe:
+        files = {role: dict(registry.resolve(cfg.model_ids()[role]).files) for role in ("stt", "vad")}
+        pad = np.zeros(8000, dtype=np.int16)
+        print(transcribe(cfg, files, np.concatenate([pad, read_wav(args.transcribe), pad, pad])))
+        return 0
+    missing = [f"--{n.replace('_', '-')}" for n in ("speech", "wake", "gguf", "out", "reply_wav")
+               if getattr(args, n) is None]
+    if missing:
+        p.error("missing " + ", ".join(missing))
+    results: dict[str, Any] = {"machine": platform.machine(), "python": platform.python_version(),
+                               "versions": versions(), "qemu_cpu": os.environ.get("QEMU_CPU", "")}
+    results["check"] = timed(results, "check", run_check, args.config)
+    if results["check"]["rc"] != 0:
+        args.out.write_text(json.dumps(results, indent=2))
+        print(results["check"]["output"], file=sys.stderr)
+        return 1
+    files = {role: dict(registry.resolve(mid).files) for role, mid in cfg.model_ids().items()}
+
+    results["transcript"] = timed(results, "stt", transcribe, cfg, files, read_wav(args.speech))
+    results["wake"] = timed(results, "wake", wake, cfg, files, read_wav(args.wake))
+    results["chat_reply"] = timed(results, "llm", chat, cfg, args.gguf, results["transcript"] or "Hello")
+    audio, rate = timed(results, "tts", synthesize, cfg, files, results["chat_reply"])
+    write_wav(args.reply_wav, audio, rate)
+    peak = int(np.abs(audio.astype(np.int32)).max()) if len(audio) else 0
+    results["tts"] = {"sample_rate": rate, "seconds": round(len(audio) / rate, 3), "peak": peak,
+                      "wav": str(args.reply_wav)}
+    args.out.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
