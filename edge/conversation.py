@@ -169,6 +169,7 @@ class Turn:
 
 
 _END = object()  # end of a reply's clauses
+FIRST_AUDIO_YIELD_S = 2.0  # longest the LLM waits for the first clause's audio
 
 
 class Conversation:
@@ -593,6 +594,8 @@ class Conversation:
                     marks["first_clause"] = time.monotonic()
                 clauses += 1
                 self._queue_clause(turn, reply, clause)
+                if clauses == 1:
+                    self._yield_to_first_audio(reply)
         marks["reply_done"] = time.monotonic()
         stats = getattr(self.chat, "last_stats", None)
         marks["tokens"] = getattr(stats, "generated_tokens", tokens) or tokens
@@ -615,6 +618,19 @@ class Conversation:
         turn.answer = answer
         self._emit(EventType.REPLY_FINAL, turn, text=answer, tokens=int(marks["tokens"]))
         self._queue_clause(turn, reply, _END)
+
+    def _yield_to_first_audio(self, reply: Reply) -> None:
+        """Let the first clause's synthesis have the CPU before generating on.
+
+        The stream is lazy: not pulling the next token pauses the LLM. On a small CPU the
+        first sound waits for that synthesis, while the rest of the reply has the length of
+        the first clause's playback to catch up.
+        """
+        deadline = time.monotonic() + FIRST_AUDIO_YIELD_S
+        while "tts_first_audio" not in reply.marks and time.monotonic() < deadline:
+            if reply.cancel.is_set() or self._stop.is_set():
+                return
+            time.sleep(0.005)
 
     def _speak_text(self, turn: Turn, reply: Reply) -> None:
         splitter = ClauseSplitter(self.cfg.tts.first_clause_min_words)
