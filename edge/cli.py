@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip measuring plain llama-cpp-python for the generation-speed comparison")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning")
 
+    p = sub.add_parser("devices", help="list audio devices with their rates and channels")
+    p.add_argument("--config", "-c", metavar="FILE", help="also show which devices this config selects")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+
     try:
         from edge.models.cli import add_models_parser
     except ImportError:  # pragma: no cover - only while the package is incomplete
@@ -118,6 +122,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             plot_waterfall(report, args.plot)
         print(json.dumps(report, indent=2) if args.json else format_report(report))
         return 0
+    if cmd == "devices":
+        from edge.audio.devices import run_devices
+
+        return run_devices(args.config, args.json)
     if cmd == "check":
         from edge.check import run_check
 

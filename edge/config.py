@@ -69,6 +69,16 @@ class AudioConfig:
     volume: float = opt(1.0, "Playback gain, 0 to 1.", min=0.0, max=1.0)
     reopen_backoff_max_s: float = opt(30.0, "Longest wait between attempts to reopen a lost device.",
                                       min=1.0, max=600.0)
+    input_stall_s: float = opt(5.0, "A microphone that delivers nothing for this long is treated as lost: "
+                               "closed, PortAudio re-initialised and the device reopened.", min=1.0, max=120.0)
+    echo_cancel: bool = opt(False, "The capture device already removes the device's own sound (a PipeWire or "
+                            "PulseAudio echo-cancel source). When false, the microphone is silenced while the "
+                            "device's own sound (a reply's tail, a chime) can still be heard and it is "
+                            "listening for a question; while it thinks or speaks only the wake word is "
+                            "listened for. When true, nothing is silenced.")
+    echo_guard_ms: int = opt(200, "Without echo cancellation: how long after the device's own sound has left "
+                             "the speaker the microphone stays silenced (room echo, capture latency).",
+                             min=0, max=3000)
 
 
 @dataclass(frozen=True)
@@ -151,7 +161,7 @@ class TtsConfig:
     num_threads: int = opt(1, "Threads for text-to-speech.", min=1, max=8)
     first_clause_min_words: int = opt(4, "Speak the first clause as soon as it has this many words and a "
                                       "clause break.", min=1, max=50)
-    first_clause_max_words: int = opt(10, "If the first clause reaches this many words with no break, speak it "
+    first_clause_max_words: int = opt(6, "If the first clause reaches this many words with no break, speak it "
                                       "anyway.", min=1, max=100)
 
 
@@ -164,6 +174,21 @@ class ConversationConfig:
     follow_up_s: float = opt(0.0, "After a reply, listen this long for a follow-up without the wake word.",
                              min=0.0, max=60.0)
     greeting: str = opt("Hello, how can I help?", "Spoken when a handset is lifted.")
+    chime_wake: bool = opt(False, "Play a short rising chime when listening starts after the wake word or "
+                           "push-to-talk.")
+    chime_end: bool = opt(False, "Play a short falling chime when the device stops listening and waits for the "
+                          "wake word again.")
+    button_chip: str = opt("", "GPIO chip of a push-to-talk button (e.g. /dev/gpiochip0; needs the gpiod "
+                           "package). Empty: no button.")
+    button_line: str = opt("", "The button's GPIO line: an offset (17) or a line name (GPIO17).")
+    button_active_low: bool = opt(True, "The button pulls its line low when pressed (wired to ground).")
+    hook_chip: str = opt("", "GPIO chip of a handset's hook switch (handset mode). Empty: the hook comes "
+                         "only from commands.")
+    hook_line: str = opt("", "The hook switch's GPIO line: an offset or a line name.")
+    hook_active_low: bool = opt(True, "The hook line reads low while the handset is off the hook.")
+    gpio_bias: str = opt("pull-up", "Bias for the button and hook lines.",
+                         choices=("as-is", "pull-up", "pull-down", "disabled"))
+    gpio_debounce_ms: int = opt(20, "Debounce for the button and hook lines.", min=0, max=1000)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
-"""Microphones and speakers behind one small interface, and the factory that picks them.
+"""Microphones and speakers behind one small interface, the factory that picks them, and
+``edge-voice devices``.
 
-``audio.input_device`` / ``audio.output_device`` name a PortAudio device (index or part of
-its name) or ``file:PATH``: a WAV or raw 16 kHz PCM file (or FIFO) read in real time, and a
-WAV file written as audio plays. File devices let the daemon run headless and let tests
-drive it; reads from a FIFO block like a hung capture driver does.
+``audio.input_device`` / ``audio.output_device`` name a PortAudio device (index, name or a
+unique part of its name) or ``file:PATH``: a WAV or raw 16 kHz PCM file (or FIFO) read in
+real time, and a WAV file written as audio plays. File devices let the daemon run headless
+and let tests drive it; reads from a FIFO block like a hung capture driver does.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import threading
 import time
 import wave
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -141,6 +142,13 @@ class FileSpeaker(QueuedSpeaker):
         self._w.setsampwidth(2)
         self._w.setframerate(rate)
         self._due = 0.0
+        self.state = "open"
+        self.latency = 0.0
+
+    @property
+    def audible_until(self) -> float:
+        """When the last block written has been played (monotonic seconds)."""
+        return self._due
 
     def _output(self, block: np.ndarray) -> None:
         now = time.monotonic()
@@ -170,10 +178,112 @@ def open_microphone(cfg: AudioConfig) -> Microphone:
     return PyAudioMicrophone(spec, rate=cfg.input_rate, queue_chunks=cfg.queue_chunks)
 
 
-def open_speaker(cfg: AudioConfig, rate: int):
+def open_speaker(cfg: AudioConfig, rate: int, on_state: Callable[[str, str], None] | None = None) -> Any:
+    """The configured speaker. A PortAudio one that cannot be opened yet starts out ``lost``
+    (``on_state`` hears of it) and keeps trying, so a kiosk booted before its speaker works."""
     spec = cfg.output_device
     if spec.startswith("file:"):
         return FileSpeaker(spec[5:], rate, volume=cfg.volume)
     from edge.audio.pyaudio_io import PyAudioSpeaker
 
-    return PyAudioSpeaker(spec, rate, volume=cfg.volume)
+    return PyAudioSpeaker(spec, rate, volume=cfg.volume, on_state=on_state,
+                          backoff_max_s=cfg.reopen_backoff_max_s)
+
+
+# -- edge-voice devices ---------------------------------------------------------------------
+def _khz(rates: tuple[int, ...]) -> str:
+    return " ".join(f"{r / 1000:g}" for r in rates) if rates else "-"
+
+
+def _selection(devices: list[Any], spec: str, is_input: bool, want_rate: int = 0) -> dict[str, Any]:
+    """Which listed device a config's ``input_device``/``output_device`` picks, and how."""
+    from edge.audio.pyaudio_io import find_device
+
+    kind = "input" if is_input else "output"
+    out: dict[str, Any] = {"role": kind, "spec": spec}
+    if spec.startswith("file:"):
+        out["file"] = spec[5:]
+        return out
+
+    class _Listed:  # find_device over the listing, so the answer is the daemon's own
+        def get_device_count(self) -> int:
+            return len(devices)
+
+        def get_device_info_by_index(self, i: int) -> dict[str, Any]:
+            d = devices[i]
+            return {"name": d.name, "maxInputChannels": d.max_input_channels,
+                    "maxOutputChannels": d.max_output_channels}
+
+    try:
+        index = find_device(_Listed(), spec, is_input)
+    except AudioError as err:
+        out["error"] = err.message
+        return out
+    if index is None:
+        out["default"] = True
+        return out
+    d = devices[index]
+    rates = d.input_rates if is_input else d.output_rates
+    channels = d.input_channels if is_input else d.output_channels
+    out.update(index=index, name=d.name, rates=list(rates), channels=channels)
+    if is_input and rates:
+        # The order PyAudioMicrophone tries them in.
+        order = [want_rate] if want_rate else [SAMPLE_RATE, d.default_rate, 48000, 44100]
+        out["capture_rate"] = next((r for r in order if r in rates), order[0])
+    return out
+
+
+def describe_devices(cfg: Any | None) -> dict[str, Any]:
+    """Every PortAudio device, and what ``cfg`` (if given) selects."""
+    from edge.audio.pyaudio_io import list_devices, quiet_stderr
+
+    with quiet_stderr():  # PortAudio prints a line for every format a device refuses
+        devices = list_devices()
+    report: dict[str, Any] = {"devices": [dict(d.__dict__) for d in devices]}
+    if cfg is not None:
+        report["config"] = cfg.source
+        report["selected"] = [_selection(devices, cfg.audio.input_device, True, cfg.audio.input_rate),
+                              _selection(devices, cfg.audio.output_device, False)]
+    return report
+
+
+def format_devices(report: dict[str, Any]) -> str:
+    rows = [("#", "name", "api", "in ch", "out ch", "default Hz", "capture kHz", "playback kHz")]
+    for d in report["devices"]:
+        ins = _khz(tuple(d["input_rates"])) + (" (stereo)" if d["input_channels"] == 2 else "")
+        outs = _khz(tuple(d["output_rates"])) + (" (stereo)" if d["output_channels"] == 2 else "")
+        rows.append((str(d["index"]), d["name"], d["host_api"], str(d["max_input_channels"]),
+                     str(d["max_output_channels"]), str(d["default_rate"]), ins, outs))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    if not report["devices"]:
+        lines.append("(no audio devices: PortAudio found none; check `arecord -l`, `aplay -l` and that "
+                     "the user is in the audio group)")
+    for sel in report.get("selected", []):
+        what = f"{sel['role']:<6} {sel['spec']!r}" if sel["spec"] else f"{sel['role']:<6} (default)"
+        if "file" in sel:
+            lines.append(f"{report['config']}: {what} -> the file {sel['file']}")
+        elif "error" in sel:
+            lines.append(f"{report['config']}: {what} -> {sel['error']}")
+        elif sel.get("default"):
+            lines.append(f"{report['config']}: {what} -> the system default device")
+        else:
+            how = f"{_khz(tuple(sel['rates']))} kHz, {sel['channels']} channel(s)" if sel["rates"] else \
+                "no common rate accepted"
+            if "capture_rate" in sel:
+                how += f"; captured at {sel['capture_rate']} Hz" + (
+                    "" if sel["capture_rate"] == SAMPLE_RATE else f", resampled to {SAMPLE_RATE} Hz")
+            lines.append(f"{report['config']}: {what} -> #{sel['index']} {sel['name']} ({how})")
+    return "\n".join(lines)
+
+
+def run_devices(config: str | None, as_json: bool) -> int:
+    """``edge-voice devices``: exit status 1 when the config names a device that is not there."""
+    import json
+
+    from edge.config import load_config
+
+    cfg = load_config(config) if config else None
+    report = describe_devices(cfg)
+    print(json.dumps(report, indent=2) if as_json else format_devices(report))
+    return 1 if any("error" in s for s in report.get("selected", [])) else 0
