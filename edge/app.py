@@ -37,7 +37,7 @@ from edge.systemd import Status
 
 _LOGGER = logging.getLogger(__name__)
 
-SPEAKER_LOST = "speaker lost - retrying"
+SPEAKER_LOST = Status.SPEAKER_LOST
 # A conversation that fails on this many chunks in a row (2 s of audio) is broken beyond a
 # cancelled turn: the audio loop ends, the daemon exits non-zero and systemd restarts it.
 FEED_FAILURES_MAX = 100
@@ -279,7 +279,8 @@ class Daemon:
         if state == "lost" and self.conv is not None and self.conv.answering():
             self.conv.cancel(reason="speaker_lost")  # nobody can hear the rest of this reply
         _LOGGER.log(logging.WARNING if state == "lost" else logging.INFO, "speaker %s: %s", state, detail,
-                    extra=log_fields(stage="audio"))
+                    extra=log_fields(stage="audio", message_id=MessageId.SPEAKER_LOST if state == "lost"
+                                     else MessageId.SPEAKER_RESTORED))
         if self.conv is not None:  # before start-up is done, run() sets the status
             self.refresh_status()
 

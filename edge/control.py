@@ -45,8 +45,19 @@ class Controller:
 
     def unmute(self) -> dict:
         self._conv().unmute()
-        self.host.status("listening", "online")
+        refresh = getattr(self.host, "refresh_status", None)
+        if refresh is not None:
+            refresh()  # a lost device still outranks "listening"
+        else:
+            self.host.status("listening", "online")
         return {"muted": False}
+
+    def handset(self, state: str) -> dict:
+        """The handset went off-hook (greet, then listen turn after turn) or on-hook (forget)."""
+        handset = getattr(self.host, "handset", None)
+        if handset is None:
+            raise EdgeError("this device has no handset", code="handset.mode")
+        return handset(state)
 
     def set_volume(self, volume: float) -> dict:
         return self.set_setting("audio.volume", volume)

@@ -371,16 +371,20 @@ class Conversation:
 
     def _start_listening(self, turn: Turn, preroll: list[AudioChunk]) -> None:
         assert self.recognizer is not None
+        turn.listen_start = self.clock.now()
+        self.recognizer.start(preroll)
+        # The turn and its state change together: a cancel from another thread sees both or neither.
         with self._lock:
             self._turn = turn
-        turn.listen_start = self.clock.now()
+            self._state = State.LISTENING
         self._emit(EventType.TURN_START, turn, trigger=turn.trigger)
-        self.recognizer.start(preroll)
-        self._set_state(State.LISTENING, turn)
+        self._emit(EventType.STATE, turn, state=State.LISTENING.value)
 
     def _listen(self, chunk: AudioChunk) -> None:
         turn = self._turn
-        assert turn is not None and self.recognizer is not None
+        if turn is None or self.recognizer is None:  # cancelled between chunks
+            self._set_state(State.IDLE)
+            return
         for upd in self.recognizer.accept(chunk):
             if upd.kind == "speech_start":
                 turn.speech_started = True

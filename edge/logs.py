@@ -36,6 +36,8 @@ class MessageId(str, Enum):
     READY = "ebe9223b86d44629be81f58371a54e70"
     MIC_LOST = "e498d6191de04e7dabb299dda9a4f1c9"
     MIC_RESTORED = "8883152eddf2436aabe05baf41cba2d7"
+    SPEAKER_LOST = "637fa69afaf747a6946ed5f662acc47a"
+    SPEAKER_RESTORED = "53e14a795ccb4820a97f7c39707ac948"
     BROKER_LOST = "7a2aa8ea1a6a41baa5fb3dbf9333cf97"
     BROKER_RESTORED = "027fc5b8da5e4feaadaef6cbc3546911"
     WATCHDOG_STALLED = "5f6c113d8e4148bdbb250ac214cd779a"

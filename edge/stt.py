@@ -157,7 +157,7 @@ class Timeline:
 
 
 # Whisper writes sound descriptions for non-speech: "[ Silence ]", "(wind howling)", "*cough*".
-_NON_SPEECH = re.compile(r"\[[^\]]*\]|\([^)]*\)|\*[^*]*\*|♪+")
+_NON_SPEECH = re.compile(r"\[[^\]]*(\]|$)|\([^)]*(\)|$)|\*[^*]*\*|♪+")
 
 
 def clean_transcript(text: str) -> str:

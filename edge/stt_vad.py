@@ -154,6 +154,7 @@ class VadOfflineRecognizer:
         self._last_partial_pos = 0
         self._partial_gap = int(self._cfg.partial_interval_s * SAMPLE_RATE)
         self._pause: tuple[int, str] | None = None  # (speech end, text) of the pause in progress
+        self._listen_from = 0  # fed position where the pre-roll ends
 
     # -- Recognizer ---------------------------------------------------------------------------
 
@@ -165,6 +166,8 @@ class VadOfflineRecognizer:
             self._pause_vad.reset()
         self._reset_state()
         self._done = False
+        # Speech that ends inside the pre-roll is the tail of the wake word, not a question.
+        self._listen_from = sum(len(c) for c in preroll)
         for chunk in preroll:
             self._pending.extend(self._feed(chunk))
             if self._done:
@@ -265,7 +268,7 @@ class VadOfflineRecognizer:
             end = int(seg.start) + len(seg.samples)
             while not pv.empty():
                 pv.pop()
-            if self._pause is not None and self._pause[0] == end:
+            if (self._pause is not None and self._pause[0] == end) or end <= self._listen_from:
                 return None
             text, took = self._decode(self._speech_at, min(end + int(TAIL_S * SAMPLE_RATE), fed))
             if not text:
@@ -281,6 +284,11 @@ class VadOfflineRecognizer:
     def _final(self, speech_end: int, decode_end: int) -> list[SttUpdate]:
         assert self._speech_at is not None
         pause, self._pause = self._pause, None
+        if speech_end <= self._listen_from:
+            # The wake word's tail, heard in the pre-roll and then silence: keep listening.
+            self._speech_at = None
+            self._last_partial = ""
+            return []
         if pause is not None and abs(pause[0] - speech_end) <= int(SAME_END_S * SAMPLE_RATE):
             # Nothing was said since the pause: its transcript is the final one, no second decode.
             self._done = True

@@ -37,6 +37,7 @@ class Status(str, Enum):
     LOADING_MODELS = "loading models"
     LISTENING = "listening"
     MIC_LOST = "mic lost - retrying"
+    SPEAKER_LOST = "speaker lost - retrying"
     BROKER_UNREACHABLE = "broker unreachable - queueing"
     STOPPING = "stopping"
 

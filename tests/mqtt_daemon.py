@@ -98,6 +98,10 @@ class RecordingController:
         self._record("reload-models")
         return {"reloaded": ["llm"]}
 
+    def handset(self, state: str) -> dict:
+        self._record("handset", state)
+        return {"handset": state, "changed": True}
+
     def status(self) -> dict:
         with self._lock:
             calls = [list(c) for c in self.calls]

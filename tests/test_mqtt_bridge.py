@@ -238,7 +238,7 @@ def test_every_command_round_trips_over_mqtt_311_with_request_ids(broker: Mosqui
     p.publish(f"edge/{DEV}/cmd/say", b"", retain=True)  # clears it
     payloads = {"say": {"text": "hi"}, "ask": {"text": "why"}, "listen": {}, "cancel": {}, "mute": {},
                 "unmute": {}, "volume": {"volume": 1}, "set": {"key": "stt.no_speech_timeout_s", "value": 5.0},
-                "reload-models": {}, "status": {}}
+                "reload-models": {}, "handset": {"state": "off-hook"}, "status": {}}
     for name, payload in payloads.items():
         rid = uuid.uuid4().hex
         topic = f"edge/all/cmd/{name}" if name == "status" else f"edge/{DEV}/cmd/{name}"
@@ -250,7 +250,7 @@ def test_every_command_round_trips_over_mqtt_311_with_request_ids(broker: Mosqui
         assert p.messages[-1].topic == f"edge/{DEV}/cmd/{name}/result"
     assert ["say", "stale"] not in ans["calls"]
     assert [c[0] for c in ans["calls"]] == ["say", "ask", "listen", "cancel", "mute", "unmute", "volume", "set"] \
-        + ["reload-models"]
+        + ["reload-models", "handset"]
     rid = uuid.uuid4().hex
     p.publish(f"edge/{DEV}/cmd/say", {"text": "late", "request_id": rid, "expires_at": 1.0})
     ans = p.wait_for(lambda ms: next((m for m in ms if m.payload and json.loads(m.payload).get("request_id")

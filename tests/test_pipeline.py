@@ -148,3 +148,15 @@ def test_streaming_engine_runs_in_the_pipeline(tmp_path: Path) -> None:
     assert end.data["outcome"] in ("done", "no_speech")
     if end.data["outcome"] == "done":
         assert "reply.final" in kinds and "tts.end" in kinds
+
+
+def test_a_long_pause_after_the_wake_word_keeps_the_question(tmp_path: Path) -> None:
+    """People wait for the device after "hey jarvis" (more so with a chime): the pre-roll then
+    holds only the wake word's tail, which must not end the turn before the question comes."""
+    wav = tmp_path / "pause.wav"
+    write_wav(wav, conversation(0.6, "Hey Jarvis.", 1.5, QUESTION, 1.5), 16000)
+    result = simulate(load_config(DEV), wav, None)
+    ev = [e.as_dict() for e in result.events]
+    finals = of_type(ev, "transcript.final")
+    assert len(finals) == 1 and wer(QUESTION, finals[0]["text"]) <= 0.1, finals
+    assert [e["outcome"] for e in of_type(ev, "turn.end")] == ["done"]

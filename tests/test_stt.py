@@ -114,7 +114,7 @@ def test_timeline_maps_fed_samples_across_a_gap() -> None:
 @pytest.mark.parametrize("raw, clean", [
     (" What is the capital of France? ", "What is the capital of France?"),
     ("[ Silence ]", ""), ("(wind howling)", ""), ("*cough*", ""), ("♪♪", ""),
-    ("[BLANK_AUDIO] turn it on", "turn it on"), ("  ...  ", ""),
+    ("[BLANK_AUDIO] turn it on", "turn it on"), ("  ...  ", ""), ("[BLANK", ""), ("(laughs", ""),
 ])
 def test_clean_transcript_drops_sound_annotations(raw: str, clean: str) -> None:
     assert clean_transcript(raw) == clean
@@ -550,3 +550,13 @@ def test_streaming_pause_before_endpoint(streaming: Recognizer, say) -> None:
     assert PAUSE in k and k.index(PAUSE) < k.index(FINAL)
     pause, final = updates[k.index(PAUSE)], updates[-1]
     assert pause.text == final.text and pause.audio_time < final.audio_time
+
+
+def test_speech_that_ends_inside_the_preroll_is_not_a_question(whisper: Recognizer, say) -> None:
+    tail = say("hey jarvis")[-int(0.3 * SAMPLE_RATE):]  # what the pre-roll holds of the wake word
+    updates = run(whisper, np.concatenate([tail, silence(2.5)]), preroll_s=0.3)
+    assert FINAL not in kinds(updates) and PAUSE not in kinds(updates), updates
+    # ...and a question after it is still heard.
+    updates = run(whisper, np.concatenate([tail, silence(1.2), say("what time is it"), silence(1.5)]),
+                  preroll_s=0.3)
+    assert kinds(updates)[-1] == FINAL and wer("what time is it", updates[-1].text)[0] == 0

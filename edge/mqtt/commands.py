@@ -54,6 +54,7 @@ class Controller(Protocol):
     def set_setting(self, key: str, value: Any) -> dict: ...
     def reload_models(self) -> dict: ...
     def status(self) -> dict: ...
+    def handset(self, state: str) -> dict: ...
 
 
 # --- runtime settings --------------------------------------------------------------------
@@ -139,6 +140,15 @@ def _number(field: str, value: Any, lo: float, hi: float) -> float:
     return value
 
 
+HANDSET_STATES = ("off-hook", "on-hook")
+
+
+def _handset_state(field: str, value: Any) -> str:
+    if value not in HANDSET_STATES:
+        raise CommandError(f"{field}: expected one of {', '.join(HANDSET_STATES)}")
+    return value
+
+
 def _setting_key(field: str, value: Any) -> str:
     if not isinstance(value, str):
         raise CommandError(f"{field}: expected a string")
@@ -172,6 +182,8 @@ SCHEMAS: dict[str, Schema] = {
     "set": Schema({"key": _setting_key, "value": _ANY}, lambda c, a: c.set_setting(a["key"], a["value"])),
     "reload-models": Schema({}, lambda c, a: c.reload_models()),
     "status": Schema({}, lambda c, a: c.status()),
+    # A phone booth's hook switch, for booths whose switch reaches the fleet and not a GPIO line.
+    "handset": Schema({"state": _handset_state}, lambda c, a: c.handset(a["state"])),
 }
 COMMON_FIELDS = ("request_id", "expires_at")
 
