@@ -39,6 +39,9 @@ WHISPER_MAX_S = 29.0  # Whisper sees at most 30 s of audio
 WHISPER_FRAMES = 3000  # its 30 s window in 10 ms feature frames
 PARTIAL_LOAD = 2.0  # wait at least this many times the last decode's wall time between partials
 SAME_END_S = 0.15  # a final whose speech ends this close to the pause's reuses the pause's text
+# Speech ending no later than this after the pre-roll is the wake word's tail (the VAD's segment
+# end trails the sound by up to a couple of windows).
+PREROLL_TAIL_S = 0.25
 # Audio kept while no speech has started: the lead plus the VAD's own look-back
 # (2 windows + MIN_SPEECH_S), with margin.
 IDLE_KEEP_S = 2.0
@@ -268,7 +271,7 @@ class VadOfflineRecognizer:
             end = int(seg.start) + len(seg.samples)
             while not pv.empty():
                 pv.pop()
-            if (self._pause is not None and self._pause[0] == end) or end <= self._listen_from:
+            if (self._pause is not None and self._pause[0] == end) or self._in_preroll(end):
                 return None
             text, took = self._decode(self._speech_at, min(end + int(TAIL_S * SAMPLE_RATE), fed))
             if not text:
@@ -281,10 +284,13 @@ class VadOfflineRecognizer:
             return SttUpdate(RESUME, "", self._timeline.end_s)
         return None
 
+    def _in_preroll(self, speech_end: int) -> bool:
+        return self._listen_from > 0 and speech_end <= self._listen_from + int(PREROLL_TAIL_S * SAMPLE_RATE)
+
     def _final(self, speech_end: int, decode_end: int) -> list[SttUpdate]:
         assert self._speech_at is not None
         pause, self._pause = self._pause, None
-        if speech_end <= self._listen_from:
+        if self._in_preroll(speech_end):
             # The wake word's tail, heard in the pre-roll and then silence: keep listening.
             self._speech_at = None
             self._last_partial = ""
