@@ -113,7 +113,7 @@ class SttConfig:
     vad_model: str = opt("silero-vad", "VAD model id (vad-offline engine).")
     num_threads: int = opt(1, "Threads for speech-to-text.", min=1, max=8)
     endpoint_silence_s: float = opt(0.8, "Silence after speech that ends the question.", min=0.1, max=5.0)
-    pause_s: float = opt(0.2, "Silence after which the reply is started speculatively, before the endpoint; it "
+    pause_s: float = opt(0.15, "Silence after which the reply is started speculatively, before the endpoint; it "
                          "is played only if the final transcript is the same. 0 turns this off.",
                          min=0.0, max=5.0)
     no_speech_timeout_s: float = opt(6.0, "After the wake word, give up if no speech starts within this.",
@@ -140,7 +140,9 @@ class LlmConfig:
     n_gpu_layers: int = opt(0, "Layers offloaded to the GPU (Jetson); -1 for all.", min=-1, max=1000)
     use_mmap: bool = opt(False, "Map the model file instead of reading it into memory.")
     flash_attn: bool = opt(False, "Use flash attention.")
-    kv_type: str = opt("f16", "KV cache type.", choices=("f16", "q8_0", "q4_0"))
+    kv_type: str = opt("q8_0", "KV cache type; q8_0 and q4_0 turn flash attention on. q8_0 keeps Phi-3-mini's "
+                       "2048-token cache at 408 MB instead of 768 MB at the same speed.",
+                       choices=("f16", "q8_0", "q4_0"))
     max_tokens: int = opt(96, "Longest reply in tokens.", min=1, max=4096)
     reply_timeout_s: float = opt(20.0, "Stop generating after this many seconds.", min=1.0, max=600.0)
     temperature: float = opt(0.3, "Sampling temperature; 0 is greedy.", min=0.0, max=2.0)
@@ -161,7 +163,7 @@ class TtsConfig:
     num_threads: int = opt(1, "Threads for text-to-speech.", min=1, max=8)
     first_clause_min_words: int = opt(4, "Speak the first clause as soon as it has this many words and a "
                                       "clause break.", min=1, max=50)
-    first_clause_max_words: int = opt(6, "If the first clause reaches this many words with no break, speak it "
+    first_clause_max_words: int = opt(4, "If the first clause reaches this many words with no break, speak it "
                                       "anyway.", min=1, max=100)
 
 

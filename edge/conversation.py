@@ -170,6 +170,7 @@ class Turn:
 
 _END = object()  # end of a reply's clauses
 FIRST_AUDIO_YIELD_S = 2.0  # longest the LLM waits for the first clause's audio
+TTS_LEAD_S = 1.0  # while the LLM generates, synthesize the next clause once less than this is queued
 
 
 class Conversation:
@@ -580,7 +581,8 @@ class Conversation:
         if self.chat is None:
             raise StageError("no language model is configured (llm.model)", code="llm.missing")
         llm, tts = self.cfg.llm, self.cfg.tts
-        splitter = ClauseSplitter(tts.first_clause_min_words,
+        # Run-on text is cut at 24 words: synthesis memory and time grow with a sentence's length.
+        splitter = ClauseSplitter(tts.first_clause_min_words, long_words=16, max_words=24,
                                   first_max_words=max(tts.first_clause_max_words, tts.first_clause_min_words))
         history = self.sessions.history()
         deadline = time.monotonic() + llm.reply_timeout_s
@@ -667,6 +669,7 @@ class Conversation:
     def _synthesize(self, turn: Turn, reply: Reply, clause: str) -> None:
         if self.synth is None:
             raise StageError("no text-to-speech voice is configured (tts.model)", code="tts.missing")
+        self._let_the_llm_run(reply)
         with reply.lock:
             if not reply.tts_started:
                 reply.tts_started = True
@@ -678,6 +681,22 @@ class Conversation:
             reply.marks.setdefault("tts_first_audio", time.monotonic())
             if not self.speaker.write(audio, reply.gen):
                 return
+
+    def _let_the_llm_run(self, reply: Reply) -> None:
+        """While the speaker has audio in hand and the LLM is still generating, wait.
+
+        Synthesis and generation share a small CPU; the LLM is the one that can fall behind
+        (on a Pi 5 it generates at about the pace of speech), so it goes first, and the voice
+        picks up the next clause when the speaker's queue runs low.
+        """
+        if not reply.tts_started:
+            return  # the first clause: the LLM is waiting for it
+        buffered = getattr(self.speaker, "buffered_s", None)
+        if buffered is None:
+            return
+        while ("first_token" in reply.marks and "reply_done" not in reply.marks
+               and self.speaker.buffered_s > TTS_LEAD_S and not reply.cancel.is_set()):
+            time.sleep(0.01)
 
     def _on_first_play(self, turn: Turn, reply: Reply, wall: float) -> None:
         if reply.cancel.is_set():

@@ -129,14 +129,23 @@ def _tiny_pieces() -> list[str]:
 
 
 def _mini_pieces() -> list[str]:
-    """Filler pieces for a 32k vocabulary: characters, then 2- and 3-letter pieces."""
+    """A 32k vocabulary whose random text reads at English's pace.
+
+    Characters and letter pairs let any prompt be tokenized. The rest are pronounceable
+    pseudo-words: three in four start a word (``▁bako``), one in four continues one (``timu``),
+    so random text runs at about 1.3 tokens a word, as English does with Phi-3's tokenizer. The
+    first clause then takes as many tokens as a real one, and the voice can say every word.
+    """
     lower = "abcdefghijklmnopqrstuvwxyz"
     chars = [chr(c) for c in range(0x21, 0x7F)]
     pieces = [_SPM_SPACE] + chars + [_SPM_SPACE + c for c in chars]
     pairs = [a + b for a in lower for b in lower]
     pieces += pairs + [_SPM_SPACE + p for p in pairs] + [_SPM_SPACE + a.upper() + b for a in lower for b in lower]
-    triples = [p + c for p in pairs for c in lower]
-    pieces += [_SPM_SPACE + t for t in triples] + triples
+    syllables = [c + v for c in "bdfghklmnprstvz" for v in "aeiou"]
+    words = [a + b for a in syllables for b in syllables]
+    words += [a + b + c for a in syllables[:40] for b in syllables for c in syllables[:8]]
+    for i, w in enumerate(words):
+        pieces.append(w if i % 4 == 3 else _SPM_SPACE + w)
     return pieces
 
 

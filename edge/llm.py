@@ -59,13 +59,22 @@ class ReplyStats:
     prompt_s: float = 0.0  # evaluating the new prompt tokens
     first_piece_s: float | None = None  # from the call to the first text piece
     total_s: float = 0.0
+    # Time spent computing tokens after the first (sampling and evaluation), without the time the
+    # consumer took between tokens: the model's own speed, comparable with plain llama.cpp.
+    generate_s: float = 0.0
     stop: str = ""  # end | max_tokens | cancel | deadline | superseded
 
     @property
     def tokens_per_s(self) -> float:
-        """Generation speed after the first token."""
+        """Generation speed after the first token, as the consumer saw it (waits included)."""
         gen_s = self.total_s - self.prompt_s
         return (self.generated_tokens - 1) / gen_s if self.generated_tokens > 1 and gen_s > 0 else 0.0
+
+    @property
+    def compute_tokens_per_s(self) -> float:
+        """Generation speed after the first token, counting only the model's own work."""
+        n = self.generated_tokens - 1
+        return n / self.generate_s if n > 0 and self.generate_s > 0 else 0.0
 
 
 def make_chat_model(cfg: "LlmConfig", gguf_path: Path) -> ChatModel:

@@ -294,11 +294,14 @@ class LlamaChatModel:
 
     def prefill(self, history: list[Message], user_text: str) -> None:
         self._turn += 1
-        words = user_text.strip()
-        # Only whole words followed by another word are certain; the last one may still grow.
-        cut = max(words.rfind(" "), 0)
-        head = self._prompts.head(self._system, history)
-        text = head + words[:cut] if cut else head
+        # The whole prompt as it would be if the visitor stopped now, up to the assistant's header:
+        # a recognizer re-decoding the growing utterance gives whole words, and when the next
+        # partial differs only the tokens after the shared prefix are evaluated again. If it does
+        # not, the reply starts at once. The last token is left for the reply, which needs its logits.
+        try:
+            text = self._prompts.prompt(self._system, history, user_text.strip())
+        except Exception:  # a template that cannot render this: the reply will say so
+            return
         tokens = self._tokenize_prompt(text)[:-1]
         n = self._reuse(tokens, keep_last=False)
         self._eval(tokens[n:n + PREFILL_MAX_TOKENS])
@@ -337,11 +340,14 @@ class LlamaChatModel:
             decoder = codecs.getincrementaldecoder("utf-8")("replace")
             started = False
             while why is None:
+                t_tok = time.monotonic()
                 with self._lock:
                     self._check_open()
                     token = lib.llama_sampler_sample(chain, llm.ctx, -1)
                     end = token in self._stop_ids or lib.llama_vocab_is_eog(self._vocab, token)
                     piece = b"" if end else self._piece(token)
+                if stats.generated_tokens:
+                    stats.generate_s += time.monotonic() - t_tok
                 if end:
                     why = "end"
                     break
@@ -358,7 +364,9 @@ class LlamaChatModel:
                 if why is None and stats.generated_tokens >= max_new:
                     why = "max_tokens"
                 if why is None:
+                    t_eval = time.monotonic()
                     why = self._eval([token])
+                    stats.generate_s += time.monotonic() - t_eval
         except BaseException:
             why = why or "error"
             raise

@@ -163,5 +163,20 @@ _NON_SPEECH = re.compile(r"\[[^\]]*(\]|$)|\([^)]*(\)|$)|\*[^*]*\*|♪+")
 def clean_transcript(text: str) -> str:
     """The spoken words of a transcript: sound annotations removed, spaces tidied; "" if none."""
     text = _NON_SPEECH.sub(" ", text)
-    text = " ".join(text.split())
+    text = collapse_repeats(" ".join(text.split()))
     return text if any(c.isalnum() for c in text) else ""
+
+
+def collapse_repeats(text: str, min_words: int = 3) -> str:
+    """Whisper's decoding loop: "turn it on now turn it on now turn it" → "turn it on now".
+
+    Only when the whole text is one phrase of at least ``min_words`` words said again and again
+    (the last time maybe cut short): a person rarely repeats a whole sentence verbatim in one
+    breath, a looping decoder always does.
+    """
+    words = text.split()
+    key = [w.strip(".,!?;:").lower() for w in words]
+    for period in range(min_words, len(words) // 2 + 1):
+        if all(key[i] == key[i + period] for i in range(len(words) - period)):
+            return " ".join(words[:period])
+    return text

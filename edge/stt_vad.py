@@ -36,7 +36,11 @@ TAIL_S = 0.25  # audio kept after the VAD's speech end
 VAD_WINDOW = 512  # silero v5 at 16 kHz takes exactly this
 MIN_SPEECH_S = 0.25  # shorter bursts (clicks, knocks) do not start speech
 WHISPER_MAX_S = 29.0  # Whisper sees at most 30 s of audio
-WHISPER_FRAMES = 3000  # its 30 s window in 10 ms feature frames
+# Silence appended to every Whisper input, in 10 ms feature frames. With sherpa-onnx's default
+# (about 10 s) tiny.en repeats short commands two or three times; 15 s stops that on our test
+# set at 0.16 s a decode and ~400 MB resident, where Whisper's full 30 s window costs 0.25 s and
+# ~600 MB. clean_transcript() also collapses a repeated phrase, should one still get through.
+WHISPER_TAIL_FRAMES = 1500
 PARTIAL_LOAD = 2.0  # wait at least this many times the last decode's wall time between partials
 SAME_END_S = 0.15  # a final whose speech ends this close to the pause's reuses the pause's text
 # Speech ending no later than this after the pre-roll is the wake word's tail (the VAD's segment
@@ -57,10 +61,7 @@ def build_offline_recognizer(cfg: SttConfig, model: SttModel) -> Any:
                 encoder=f["encoder"], decoder=f["decoder"], tokens=f["tokens"],
                 language="" if multilingual else "en", task="transcribe",
                 num_threads=cfg.num_threads, decoding_method="greedy_search",
-                # Pad every input to Whisper's full 30 s window, as it was trained: with
-                # sherpa-onnx's default (10 s) tiny.en repeats short commands two or three
-                # times. Costs ~30 % more encoder time per decode.
-                tail_paddings=WHISPER_FRAMES)
+                tail_paddings=WHISPER_TAIL_FRAMES)
         if model.kind == "moonshine":
             return so.OfflineRecognizer.from_moonshine(
                 preprocessor=f["preprocessor"], encoder=f["encoder"],
@@ -158,6 +159,7 @@ class VadOfflineRecognizer:
         self._partial_gap = int(self._cfg.partial_interval_s * SAMPLE_RATE)
         self._pause: tuple[int, str] | None = None  # (speech end, text) of the pause in progress
         self._listen_from = 0  # fed position where the pre-roll ends
+        self._heard: tuple[int, str] = (0, "")  # (fed position, text) of the latest partial decode
 
     # -- Recognizer ---------------------------------------------------------------------------
 
@@ -254,6 +256,7 @@ class VadOfflineRecognizer:
         if fed - self._last_partial_pos >= self._partial_gap:
             text, took = self._decode(self._speech_at, fed)
             self._last_partial_pos = fed
+            self._heard = (fed, text)
             self._partial_gap = max(int(self._cfg.partial_interval_s * SAMPLE_RATE),
                                     int(PARTIAL_LOAD * took * SAMPLE_RATE))
             if text and text != self._last_partial:
@@ -273,7 +276,11 @@ class VadOfflineRecognizer:
                 pv.pop()
             if (self._pause is not None and self._pause[0] == end) or self._in_preroll(end):
                 return None
-            text, took = self._decode(self._speech_at, min(end + int(TAIL_S * SAMPLE_RATE), fed))
+            if self._heard[1] and self._heard[0] >= end:
+                # The last partial already heard all of the speech: no need to decode again.
+                text, took = self._heard[1], 0.0
+            else:
+                text, took = self._decode(self._speech_at, min(end + int(TAIL_S * SAMPLE_RATE), fed))
             if not text:
                 return None
             self._pause = (end, text)

@@ -196,21 +196,23 @@ def test_a_gguf_phi3_template_with_system_support_is_used_and_its_errors_are_sta
         model.close()
 
 
-def test_prefill_evaluates_only_certain_words_and_saves_work(tiny) -> None:
+def test_prefill_evaluates_the_prompt_so_far_and_a_matching_reply_starts_at_once(tiny) -> None:
     tiny.warm("Be brief.")
     warm = tiny.cached_tokens
     history = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"}]
     tiny.prefill(history, "What is the capi")
     cached = tiny._llm.detokenize(tiny._llm.input_ids[:tiny.cached_tokens].tolist(), special=True).decode()
-    assert cached.endswith("What is the") or cached.endswith("What is")
-    assert "capi" not in cached.split("<|user|>")[-1]
+    # Everything up to the assistant's header but the last token, which the reply evaluates.
+    assert "What is the capi" in cached.split("<|user|>")[-1] and "<|end|>" in cached.split("<|user|>")[-1]
     n = tiny.cached_tokens
     tiny.prefill(history, "What is the capi")  # nothing changed: nothing evaluated
     assert tiny.cached_tokens == n
+    # The visitor went on: only what follows the shared prefix is evaluated again.
     tiny.prefill(history, "What is the capital of France?")
+    assert tiny.cached_tokens > n - 6
     pieces, stats = _reply(tiny, history, "What is the capital of France?")
     assert pieces == TINY_PIECES
-    assert stats.cached_tokens > warm and stats.evaluated_tokens <= 6
+    assert stats.cached_tokens > warm and stats.evaluated_tokens == 1
 
 
 def test_prefill_is_bounded_per_call(tiny) -> None:

@@ -120,6 +120,18 @@ def test_clean_transcript_drops_sound_annotations(raw: str, clean: str) -> None:
     assert clean_transcript(raw) == clean
 
 
+@pytest.mark.parametrize("raw, clean", [
+    ("Tell me a joke about computers Tell me a joke about computers Tell me a joke about",
+     "Tell me a joke about computers"),
+    ("turn it on. Turn it on. turn it on", "turn it on."),
+    ("bye bye", "bye bye"), ("no no no no", "no no no no"),  # short phrases can be meant
+    ("what is the capital of France?", "what is the capital of France?"),
+    ("I said the time, I said the time", "I said the time,"),
+])
+def test_a_looping_decode_is_collapsed(raw: str, clean: str) -> None:
+    assert clean_transcript(raw) == clean
+
+
 def test_wer_helper() -> None:
     assert wer("what is the capital of France", "What is the capital of France?") == (0, 6)
     assert wer("will it rain", "we'll train") == (3, 3)
