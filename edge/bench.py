@@ -199,9 +199,15 @@ def run_baseline(cfg: Config, stages: Any, audio: TurnAudio) -> dict[str, float]
         final = rec.finish()
     if final is None:
         raise EdgeError(f"baseline: no transcript for {audio.question!r}", code="bench.turn")
-    # A sequential pipeline decodes once the endpoint has fired. This recognizer may have
-    # decoded the same audio at the pause already and re-used it: that decode is the cost.
-    stt_s = final.decode_s or pause_decode_s
+    # A sequential pipeline decodes the utterance once the endpoint has fired. This recognizer
+    # may have re-used a decode made at the pause: decode the question again to time it.
+    transcribe = getattr(rec, "transcribe", None)
+    if transcribe is not None:
+        start = int(max(0.0, audio.speech_start - 0.3) * SAMPLE_RATE)
+        end = int((audio.speech_end + 0.25) * SAMPLE_RATE)
+        stt_s = transcribe(audio.samples[start:end])[1]
+    else:
+        stt_s = final.decode_s or pause_decode_s
     endpoint_s = final.audio_time - audio.speech_end
     forget = getattr(chat, "forget", None)
     if forget is not None:
@@ -427,7 +433,8 @@ def plot_waterfall(r: dict[str, Any], out: Path) -> None:
     except ImportError:
         raise EdgeError("--plot needs matplotlib: pip install 'edge-voice[bench]'", code="dependency.missing") from None
     turn = r["median_turn"]
-    stages = [(k, v) for k, v in turn["stages_ms"].items() if k != "wake_latency"]
+    # In time order: a reply started at the pause has its first token before the final transcript.
+    stages = sorted(((k, v) for k, v in turn["stages_ms"].items() if k != "wake_latency"), key=lambda kv: kv[1])
     base = turn["baseline_ms"]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     prev = 0.0

@@ -201,6 +201,16 @@ class VadOfflineRecognizer:
         end = self._timeline.end_s
         return SttUpdate(FINAL, text, end, end, took)
 
+    def transcribe(self, samples: np.ndarray) -> tuple[str, float]:
+        """Decode a whole utterance at once (a sequential pipeline's way); (text, seconds)."""
+        if self._closed:
+            raise closed_error()
+        t0 = time.perf_counter()
+        stream = self._rec.create_stream()
+        stream.accept_waveform(SAMPLE_RATE, samples.astype(np.float32) / 32768.0)
+        self._rec.decode_stream(stream)
+        return clean_transcript(stream.result.text), time.perf_counter() - t0
+
     def close(self) -> None:
         self._closed = True
         self._rec = None
