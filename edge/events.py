@@ -8,6 +8,8 @@ they emit events, and subscribers decide what to do with them.
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -78,21 +80,22 @@ class EventBus:
     """Fan events out to subscribers. A failing subscriber is logged, never fatal.
 
     Subscribers must not block: anything slow (the network, the disk) queues the event
-    and does its work elsewhere.
+    and does its work elsewhere. Events come from several threads; each is delivered to every
+    subscriber before the next one, so all subscribers see the same order.
     """
 
     def __init__(self) -> None:
         self._subs: list[Subscriber] = []
+        self._lock = threading.RLock()
 
     def subscribe(self, fn: Subscriber) -> Callable[[], None]:
         self._subs.append(fn)
         return lambda: self._subs.remove(fn) if fn in self._subs else None
 
     def emit(self, event: Event) -> None:
-        import logging
-
-        for fn in list(self._subs):
-            try:
-                fn(event)
-            except Exception:  # a subscriber's bug must not stop the pipeline
-                logging.getLogger(__name__).exception("event subscriber failed on %s", event.type)
+        with self._lock:
+            for fn in list(self._subs):
+                try:
+                    fn(event)
+                except Exception:  # a subscriber's bug must not stop the pipeline
+                    logging.getLogger(__name__).exception("event subscriber failed on %s", event.type)

@@ -123,6 +123,32 @@ def closed_error() -> StageError:
     return StageError("speech-to-text recognizer used after close()", code="stt.closed")
 
 
+class FeedingRecognizer:
+    """What both engines share: updates made while the pre-roll is fed come out with the next
+    chunk, and nothing is fed once an utterance is final. Engines implement ``_feed``."""
+
+    _closed: bool
+    _done: bool
+    _pending: list[SttUpdate]
+
+    def _feed(self, chunk: AudioChunk) -> list[SttUpdate]:
+        raise NotImplementedError
+
+    def _feed_preroll(self, preroll: list[AudioChunk]) -> None:
+        for chunk in preroll:
+            self._pending.extend(self._feed(chunk))
+            if self._done:
+                break
+
+    def accept(self, chunk: AudioChunk) -> list[SttUpdate]:
+        if self._closed:
+            raise closed_error()
+        updates, self._pending = self._pending, []
+        if not self._done:
+            updates.extend(self._feed(chunk))
+        return updates
+
+
 class Timeline:
     """Maps a position in the samples fed to a recognizer to the audio timeline.
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from edge.audio.chunk import SAMPLE_RATE, AudioChunk
 from edge.errors import ModelError
-from edge.stt import (FINAL, PARTIAL, PAUSE, RESUME, SPEECH_START, SttUpdate, Timeline, check_chunk,
+from edge.stt import (FINAL, FeedingRecognizer, PARTIAL, PAUSE, RESUME, SPEECH_START, SttUpdate, Timeline, check_chunk,
                       closed_error, import_sherpa)
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ def build_online_recognizer(cfg: SttConfig, model: SttModel) -> Any:
     raise ModelError(f"{model.kind} is not a streaming model type", code="model.unsupported")
 
 
-class StreamingRecognizer:
+class StreamingRecognizer(FeedingRecognizer):
     """``Recognizer`` over a sherpa-onnx streaming model."""
 
     sample_rate = SAMPLE_RATE
@@ -110,18 +110,7 @@ class StreamingRecognizer:
         self._last_partial = ""
         self._last_partial_pos = 0
         self._pause_text: str | None = None
-        for chunk in preroll:
-            self._pending.extend(self._feed(chunk))
-            if self._done:
-                break
-
-    def accept(self, chunk: AudioChunk) -> list[SttUpdate]:
-        if self._closed:
-            raise closed_error()
-        updates, self._pending = self._pending, []
-        if not self._done:
-            updates.extend(self._feed(chunk))
-        return updates
+        self._feed_preroll(preroll)
 
     def finish(self) -> SttUpdate | None:
         if self._closed:

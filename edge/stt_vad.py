@@ -20,7 +20,7 @@ import numpy as np
 
 from edge.audio.chunk import SAMPLE_RATE, AudioChunk
 from edge.errors import ModelError
-from edge.stt import (FINAL, PARTIAL, PAUSE, RESUME, SPEECH_START, SttUpdate, Timeline, check_chunk,
+from edge.stt import (FINAL, FeedingRecognizer, PARTIAL, PAUSE, RESUME, SPEECH_START, SttUpdate, Timeline, check_chunk,
                       clean_transcript, closed_error, import_sherpa)
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ class _Audio:
         return data[max(start - self.base, 0):max(end - self.base, 0)]
 
 
-class VadOfflineRecognizer:
+class VadOfflineRecognizer(FeedingRecognizer):
     """``Recognizer``: silero VAD + an offline model (Whisper, Moonshine, SenseVoice)."""
 
     sample_rate = SAMPLE_RATE
@@ -158,6 +158,7 @@ class VadOfflineRecognizer:
         self._last_partial_pos = 0
         self._partial_gap = int(self._cfg.partial_interval_s * SAMPLE_RATE)
         self._pause: tuple[int, str] | None = None  # (speech end, text) of the pause in progress
+        self._pause_at: int | None = None  # speech end of a pause waiting for its silent tail
         self._listen_from = 0  # fed position where the pre-roll ends
         self._heard: tuple[int, str] = (0, "")  # (fed position, text) of the latest partial decode
 
@@ -173,18 +174,7 @@ class VadOfflineRecognizer:
         self._done = False
         # Speech that ends inside the pre-roll is the tail of the wake word, not a question.
         self._listen_from = sum(len(c) for c in preroll)
-        for chunk in preroll:
-            self._pending.extend(self._feed(chunk))
-            if self._done:
-                break
-
-    def accept(self, chunk: AudioChunk) -> list[SttUpdate]:
-        if self._closed:
-            raise closed_error()
-        updates, self._pending = self._pending, []
-        if not self._done:
-            updates.extend(self._feed(chunk))
-        return updates
+        self._feed_preroll(preroll)
 
     def finish(self) -> SttUpdate | None:
         if self._closed:
@@ -275,22 +265,31 @@ class VadOfflineRecognizer:
         return out
 
     def _check_pause(self, fed: int) -> SttUpdate | None:
-        """A pause: the quick VAD closed a segment. Resume: it hears speech again."""
+        """A pause: the quick VAD closed a segment. Resume: it hears speech again.
+
+        The pause is reported once ``TAIL_S`` of silence follows the speech: Whisper mishears
+        a last word that has no silence after it ("of France" became "and friends").
+        """
         pv = self._pause_vad
         if pv is None:
             return None
+        tail = int(TAIL_S * SAMPLE_RATE)
         if not pv.empty():
             seg = pv.front
             end = int(seg.start) + len(seg.samples)
             while not pv.empty():
                 pv.pop()
-            if (self._pause is not None and self._pause[0] == end) or self._in_preroll(end):
-                return None
-            if self._heard[1] and self._heard[0] >= end:
-                # The last partial already heard all of the speech: no need to decode again.
+            if not ((self._pause is not None and self._pause[0] == end) or self._in_preroll(end)):
+                self._pause_at = end
+        if self._pause_at is not None and pv.is_speech_detected():
+            self._pause_at = None  # speech went on before the pause was reported
+        if self._pause_at is not None and fed >= self._pause_at + tail:
+            end, self._pause_at = self._pause_at, None
+            if self._heard[1] and self._heard[0] >= end + tail:
+                # The last partial already heard all of the speech and the silence after it.
                 text, took = self._heard[1], 0.0
             else:
-                text, took = self._decode(self._speech_at, min(end + int(TAIL_S * SAMPLE_RATE), fed))
+                text, took = self._decode(self._speech_at, end + tail)
             if not text:
                 return None
             self._pause = (end, text)
