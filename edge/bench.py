@@ -111,7 +111,7 @@ def bench_config(cfg: Config, profile: str) -> tuple[Config, Path | None]:
     if profile != "phi3-shaped":
         raise EdgeError(f"unknown bench profile {profile!r}: use dev or phi3-shaped", code="bench.profile")
     # Versioned: a change to the generator must not reuse an older file.
-    gguf = paths.cache_dir() / "bench" / "phi3-mini-shaped-v2.gguf"
+    gguf = paths.cache_dir() / "bench" / "phi3-mini-shaped-v3.gguf"
     if not gguf.exists():
         from edge.gguf_synth import write_phi3_mini_shaped
 

@@ -136,6 +136,8 @@ class LlmConfig:
     n_ctx: int = opt(2048, "Context window in tokens.", min=256, max=131072)
     n_threads: int = opt(0, "Generation threads; 0 = all cores.", min=0, max=64)
     n_threads_batch: int = opt(0, "Prompt-processing threads; 0 = same as n_threads.", min=0, max=64)
+    share_cores: bool = opt(True, "Use one thread fewer while speech-to-text or text-to-speech computes: "
+                            "llama.cpp's threads stall each other when another stage takes one's core.")
     n_batch: int = opt(256, "Prompt batch size.", min=8, max=4096)
     n_gpu_layers: int = opt(0, "Layers offloaded to the GPU (Jetson); -1 for all.", min=-1, max=1000)
     use_mmap: bool = opt(False, "Map the model file instead of reading it into memory.")

@@ -63,7 +63,8 @@ class Recognizer(Protocol):
 
 class ChatModel(Protocol):
     def warm(self, system_prompt: str) -> None: ...
-    def prefill(self, history: list[dict[str, str]], user_text: str) -> None: ...
+    def prefill(self, history: list[dict[str, str]], user_text: str,
+                cancel: threading.Event | None = None) -> None: ...
     def stream(self, history: list[dict[str, str]], user_text: str, *, cancel: threading.Event,
                max_tokens: int | None = None, deadline: float | None = None) -> Iterator[str]: ...
     def count_tokens(self, text: str) -> int: ...
@@ -198,6 +199,7 @@ class Conversation:
         self._requests: collections.deque[tuple[str, Any]] = collections.deque()
         self._jobs: collections.deque[tuple[str, Turn, Any]] = collections.deque()
         self._jobs_cond = threading.Condition()
+        self._prefill_cancel = threading.Event()
         self._tts_q: queue.Queue[tuple[Turn, Reply, Any]] = queue.Queue(maxsize=8)
         self._stop = threading.Event()
         self._threads = [
@@ -521,6 +523,8 @@ class Conversation:
             if job[0] == "prefill":
                 # Only the newest partial matters.
                 self._jobs = collections.deque(j for j in self._jobs if j[0] != "prefill")
+            else:
+                self._prefill_cancel.set()  # a reply is wanted: a prefill under way stops
             self._jobs.append(job)
             self._jobs_cond.notify()
 
@@ -532,13 +536,17 @@ class Conversation:
                 if self._stop.is_set():
                     return
                 kind, turn, arg = self._jobs.popleft()
+                if kind == "prefill":
+                    if self._jobs:
+                        continue  # a reply is waiting behind it
+                    self._prefill_cancel.clear()
             if turn.cancel.is_set():
                 continue
             try:
                 if kind == "prefill":
                     # Never once a reply is under way: a prefill would cut its generation short.
                     if self.chat is not None and self._turn is turn and turn.reply is None:
-                        self.chat.prefill(self.sessions.history(), arg)
+                        self.chat.prefill(self.sessions.history(), arg, cancel=self._prefill_cancel)
                 elif arg.cancel.is_set():
                     continue
                 elif kind in ("respond", "ask"):

@@ -128,22 +128,31 @@ def _tiny_pieces() -> list[str]:
     return pieces
 
 
+# One-syllable pseudo-words: 40 onsets x 15 vowels x 50 codas = 30,000, enough for the vocabulary.
+_ONSETS = ("b", "bl", "br", "c", "ch", "cl", "cr", "d", "dr", "f", "fl", "fr", "g", "gl", "gr", "h", "j", "k",
+           "l", "m", "n", "p", "pl", "pr", "r", "s", "sh", "sk", "sl", "sm", "sn", "sp", "st", "t", "th", "tr",
+           "v", "w", "y", "z")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ay", "ee", "ea", "oo", "ou", "ow", "oa", "oi", "ie")
+_CODAS = ("", "b", "ck", "d", "f", "ft", "g", "k", "l", "ld", "lf", "lk", "lm", "lp", "lt", "m", "mp", "n", "nd",
+          "ng", "nk", "nt", "p", "pt", "r", "rb", "rd", "rf", "rg", "rk", "rl", "rm", "rn", "rp", "rt", "s", "sk",
+          "sp", "ss", "st", "t", "th", "x", "sh", "ch", "tch", "nch", "rst", "rth", "mb")
+
+
 def _mini_pieces() -> list[str]:
     """A 32k vocabulary whose random text reads at English's pace.
 
-    Characters and letter pairs let any prompt be tokenized. The rest are pronounceable
-    pseudo-words: three in four start a word (``▁bako``), one in four continues one (``timu``),
-    so random text runs at about 1.3 tokens a word, as English does with Phi-3's tokenizer. The
-    first clause then takes as many tokens as a real one, and the voice can say every word.
+    Characters and letter pairs let any prompt be tokenized. The rest are one-syllable
+    pseudo-words: three in four start a word (``▁blant``), one in four continues one (``stoo``),
+    so random text runs at about 1.3 tokens and 1.3 syllables a word, as English does with
+    Phi-3's tokenizer: the first clause takes as many tokens as a real one, and the voice takes
+    as long to say it.
     """
     lower = "abcdefghijklmnopqrstuvwxyz"
     chars = [chr(c) for c in range(0x21, 0x7F)]
     pieces = [_SPM_SPACE] + chars + [_SPM_SPACE + c for c in chars]
     pairs = [a + b for a in lower for b in lower]
     pieces += pairs + [_SPM_SPACE + p for p in pairs] + [_SPM_SPACE + a.upper() + b for a in lower for b in lower]
-    syllables = [c + v for c in "bdfghklmnprstvz" for v in "aeiou"]
-    words = [a + b for a in syllables for b in syllables]
-    words += [a + b + c for a in syllables[:40] for b in syllables for c in syllables[:8]]
+    words = [o + v + c for v in _VOWELS for c in _CODAS for o in _ONSETS]
     for i, w in enumerate(words):
         pieces.append(w if i % 4 == 3 else _SPM_SPACE + w)
     return pieces

@@ -31,8 +31,8 @@ class ChatModel(Protocol):
     def warm(self, system_prompt: str) -> None:
         """Evaluate the system prompt once; its KV is reused by every turn."""
 
-    def prefill(self, history: list[Message], user_text: str) -> None:
-        """Evaluate the certain part of the next prompt (all but the last, maybe partial, word)."""
+    def prefill(self, history: list[Message], user_text: str, cancel: threading.Event | None = None) -> None:
+        """Evaluate the next prompt as far as it is known, stopping early once ``cancel`` is set."""
 
     def stream(self, history: list[Message], user_text: str, *, cancel: threading.Event,
                max_tokens: int | None = None, deadline: float | None = None) -> Iterator[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import concurrent.futures
 import ctypes
 import logging
 import os
@@ -12,6 +13,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from edge import cpu_share
 from edge.config import LlmConfig
 from edge.errors import MissingDependency, ModelError, StageError
 from edge.llm import ReplyStats
@@ -23,8 +25,12 @@ _LOGGER = logging.getLogger(__name__)
 # between slices. For a Phi-3-mini on two x86 cores a slice takes about 1 s and costs ~2% of
 # prompt throughput against one 128-token batch; smaller slices would lose batch efficiency.
 EVAL_SLICE = 32
-# A prefill call evaluates at most this many tokens, so a stream() that follows it waits little.
+# A prefill call evaluates at most this many tokens, so a stream() that follows it waits little,
+# in slices this short: it stops within one slice when the reply is wanted (its ``cancel``), and
+# each slice picks its thread count anew (``cpu_share``) while speech-to-text decodes beside it.
 PREFILL_MAX_TOKENS = 64
+PREFILL_SLICE = 4
+PREFILL_AFTER_OTHERS_S = 0.02
 
 _KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # GGML_TYPE_*
 _LOG_LEVEL_WARN, _LOG_LEVEL_ERROR, _LOG_LEVEL_CONT = 3, 4, 5  # ggml_log_level
@@ -66,6 +72,17 @@ def _install_log_hook(llama_cpp: Any) -> None:
     llama_cpp.llama_log_set(_log_hook, ctypes.c_void_p(0))
 
 
+def _after_others(cancel: threading.Event | None) -> str | None:
+    """A prefill is opportunistic: partials come while the recognizer decodes every few hundred
+    ms, and a decode beside a prefill on every core slowed from 0.17 s to 0.3 s. So each slice
+    waits until no other stage has computed for a moment (what a decode found, a pause, must
+    have time to cancel the prefill), and the prefill stops once cancelled."""
+    while (cpu_share.SHARE.idle_s() < PREFILL_AFTER_OTHERS_S
+           and not (cancel is not None and cancel.is_set())):
+        time.sleep(0.005)
+    return "cancel" if cancel is not None and cancel.is_set() else None
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -96,14 +113,22 @@ class LlamaChatModel:
             flash_attn = True
         _log_tail.clear()
         t0 = time.monotonic()
+        # Every computation runs on this one thread. llama.cpp's OpenMP keeps a team of threads
+        # for each thread that calls it, and once a process has more such threads than cores,
+        # libgomp's threads sleep at every barrier instead of spinning: generation on 2 cores fell
+        # from about 19 to 15 tokens/s when the daemon's responder thread took over from the
+        # thread that had loaded and warmed the model.
+        self._compute = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-compute")
         try:
-            self._llm = llama_cpp.Llama(
+            self._llm = self._compute.submit(
+                llama_cpp.Llama,
                 model_path=str(gguf_path), n_ctx=cfg.n_ctx, n_batch=cfg.n_batch, n_ubatch=cfg.n_batch,
                 n_threads=n_threads, n_threads_batch=n_threads_batch, n_gpu_layers=cfg.n_gpu_layers,
                 use_mmap=cfg.use_mmap, flash_attn=flash_attn, type_k=_KV_TYPES[cfg.kv_type],
                 type_v=_KV_TYPES[cfg.kv_type], seed=self._seed(), verbose=False,
-            )
+            ).result()
         except (ValueError, RuntimeError, OSError) as err:
+            self._compute.shutdown(wait=False)
             detail = _log_tail[0] if _log_tail else str(err)
             if "context" in str(err):  # the weights loaded; the settings do not fit them
                 raise ModelError(f"{gguf_path}: cannot set up the LLM with these settings ({detail}); "
@@ -115,6 +140,7 @@ class LlamaChatModel:
             self._setup(gguf_path)
         except BaseException:
             self._llm.close()
+            self._compute.shutdown(wait=False)
             raise
         _LOGGER.info("LLM %s loaded in %.1f s: chat format %s, n_ctx %d, %d/%d threads, stop tokens %s",
                      gguf_path.name, time.monotonic() - t0, self.format.origin, self.n_ctx, n_threads,
@@ -125,6 +151,10 @@ class LlamaChatModel:
         self._vocab = self._lib.llama_model_get_vocab(self._llm.model)
         self._lock = threading.Lock()
         self._closed = False
+        n, nb = self._llm.n_threads, self._llm.n_threads_batch
+        # (threads, batch threads) while no other stage computes, and while one does.
+        self._threads = ((n, nb), (max(1, n - 1), max(1, nb - 1)) if cfg.share_cores else (n, nb))
+        self._threads_now = self._threads[0]
         self._turn = 0
         self._system = cfg.system_prompt
         self.n_ctx = self._llm.n_ctx()
@@ -209,9 +239,9 @@ class LlamaChatModel:
         return n
 
     def _eval(self, tokens: Sequence[int], stopped: Callable[[], str | None] | None = None,
-              turn: int | None = None) -> str | None:
+              turn: int | None = None, slice_len: int = EVAL_SLICE, shared: bool = False) -> str | None:
         """Evaluate in slices; returns why it stopped early, or None when all were evaluated."""
-        for i in range(0, len(tokens), EVAL_SLICE):
+        for i in range(0, len(tokens), slice_len):
             why = stopped() if stopped else None
             if why is None and turn is not None and turn != self._turn:
                 why = "superseded"
@@ -219,12 +249,16 @@ class LlamaChatModel:
                 return why
             with self._lock:
                 self._check_open()
-                self._decode(tokens[i:i + EVAL_SLICE])
+                self._decode(tokens[i:i + slice_len], shared)
         return None
 
-    def _decode(self, tokens: Sequence[int]) -> None:
+    def _decode(self, tokens: Sequence[int], shared: bool = False) -> None:
+        threads = self._threads[1] if shared or cpu_share.SHARE.others_busy else self._threads[0]
+        if threads != self._threads_now:
+            self._lib.llama_set_n_threads(self._llm.ctx, *threads)
+            self._threads_now = threads
         try:
-            self._llm.eval(tokens)
+            self._compute.submit(self._llm.eval, tokens).result()
         except RuntimeError as err:
             # The KV cache now holds an unknown part of the slice: forget it all.
             self._llm.reset()
@@ -292,7 +326,7 @@ class LlamaChatModel:
         _LOGGER.info("system prompt: %d tokens (%d evaluated) in %.2f s", len(tokens), len(tokens) - n,
                      time.monotonic() - t0)
 
-    def prefill(self, history: list[Message], user_text: str) -> None:
+    def prefill(self, history: list[Message], user_text: str, cancel: threading.Event | None = None) -> None:
         self._turn += 1
         # The whole prompt as it would be if the visitor stopped now, up to the assistant's header:
         # a recognizer re-decoding the growing utterance gives whole words, and when the next
@@ -304,7 +338,7 @@ class LlamaChatModel:
             return
         tokens = self._tokenize_prompt(text)[:-1]
         n = self._reuse(tokens, keep_last=False)
-        self._eval(tokens[n:n + PREFILL_MAX_TOKENS])
+        self._eval(tokens[n:n + PREFILL_MAX_TOKENS], lambda: _after_others(cancel), slice_len=PREFILL_SLICE)
 
     def stream(self, history: list[Message], user_text: str, *, cancel: threading.Event,
                max_tokens: int | None = None, deadline: float | None = None) -> Iterator[str]:
@@ -405,3 +439,4 @@ class LlamaChatModel:
                 return
             self._closed = True
             self._llm.close()
+        self._compute.shutdown(wait=False)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edge.audio.chunk import SAMPLE_RATE, AudioChunk
+from edge.cpu_share import SHARE
 from edge.errors import ModelError
 from edge.stt import (FINAL, FeedingRecognizer, PARTIAL, PAUSE, RESUME, SPEECH_START, SttUpdate, Timeline, check_chunk,
                       closed_error, import_sherpa)
@@ -141,7 +142,8 @@ class StreamingRecognizer(FeedingRecognizer):
         t0 = time.perf_counter()
         decoded = False
         while self._rec.is_ready(self._stream):
-            self._rec.decode_stream(self._stream)
+            with SHARE.busy():
+                self._rec.decode_stream(self._stream)
             decoded = True
         self._decode_s += time.perf_counter() - t0
         return decoded

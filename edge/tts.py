@@ -26,6 +26,7 @@ import numpy as np
 from edge.audio.chunk import to_mono_int16
 from edge.clauses import has_words, strip_markdown
 from edge.config import TtsConfig
+from edge.cpu_share import SHARE
 from edge.errors import ConfigError, MissingDependency, ModelError, StageError
 
 _LOGGER = logging.getLogger(__name__)
@@ -279,11 +280,16 @@ class SherpaSynthesizer:
                         if job.first_audio is None:
                             job.first_audio = time.monotonic()
                         job.samples += len(pcm)
-                        if not job.put(pcm):
-                            return 0
+                        SHARE.leave()  # waiting for room in the queue is not computing
+                        try:
+                            if not job.put(pcm):
+                                return 0
+                        finally:
+                            SHARE.enter()
                     return 0 if job.stopped() else 1
 
-                self._tts.generate("", gen, on_audio)
+                with SHARE.busy():
+                    self._tts.generate("", gen, on_audio)
             except Exception as err:  # reported to the consumer, which raises StageError
                 job.put(err)
             finally:

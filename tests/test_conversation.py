@@ -123,8 +123,9 @@ class FakeChat:
     def warm(self, system_prompt: str) -> None:
         pass
 
-    def prefill(self, history, user_text: str) -> None:
+    def prefill(self, history, user_text: str, cancel=None) -> None:
         self.prefills.append(user_text)
+        self.prefill_cancel = cancel
 
     def stream(self, history, user_text, *, cancel, max_tokens=None, deadline=None):
         self.calls.append((list(history), user_text))
@@ -218,6 +219,9 @@ def test_partials_prefill_the_llm() -> None:
     partials = [e.data["text"] for e in events if e.type.value == "transcript.partial"]
     assert len(partials) >= 3
     assert chat.prefills and chat.prefills[-1] in partials
+    # The reply's job stops a prefill under way (at its next slice): its cancel is set.
+    assert "reply.final" in types(events)
+    assert chat.prefill_cancel is not None and chat.prefill_cancel.is_set()
 
 
 def test_no_wake_no_turn() -> None:

@@ -135,3 +135,21 @@ def test_phi3_mini_shaped_has_the_real_shapes_and_runs(tmp_path: Path) -> None:
             llm.close()
     finally:
         path.unlink(missing_ok=True)
+
+
+def test_phi3_mini_shaped_vocabulary_reads_at_english_pace() -> None:
+    # Random weights pick tokens about uniformly: the text they make must be as long, in tokens,
+    # letters and syllables a word, as English, or the benchmark's first clause and synthesis
+    # would cost more (or less) than a real reply's.
+    import random
+    import re
+
+    pieces = list(dict.fromkeys(gguf_synth._mini_pieces()))[:32000 - 259]
+    rng = random.Random(7)
+    sample = [rng.choice(pieces) for _ in range(20000)]
+    words = "".join(sample).replace("\u2581", " ").split()
+    letters = sum(len(w) for w in words) / len(words)
+    syllables = sum(len(re.findall(r"[aeiouy]+", w.lower())) or 1 for w in words) / len(words)
+    assert 1.2 < len(sample) / len(words) < 1.5
+    assert 4.0 < letters < 7.0
+    assert 1.0 < syllables < 1.8

@@ -349,3 +349,74 @@ def test_forcing_phi3_on_a_model_without_its_tokens_is_flagged(smollm2_path: Pat
         assert any("has no <|end|> token" in r.getMessage() for r in caplog.records)
     finally:
         model.close()
+
+
+# -- sharing the CPU with the other stages -------------------------------------------------------
+def _eval_threads(model) -> list[tuple[int, tuple[int, int]]]:
+    """Record, for every evaluation, the native thread it ran on and the thread counts set."""
+    seen: list[tuple[int, tuple[int, int]]] = []
+    inner = model._llm.eval
+
+    def eval_(tokens):
+        seen.append((threading.get_native_id(), model._threads_now))
+        return inner(tokens)
+
+    model._llm.eval = eval_
+    return seen
+
+
+def test_every_evaluation_runs_on_one_thread_whoever_calls(tiny) -> None:
+    # llama.cpp's OpenMP keeps a thread team per calling thread; a second caller makes libgomp's
+    # threads sleep at every barrier (a quarter of the generation speed lost on 2 cores).
+    seen = _eval_threads(tiny)
+    tiny.warm("Be brief.")
+    worker = threading.Thread(target=lambda: _reply(tiny, [], "What is the capital of France?"))
+    worker.start()
+    worker.join(30)
+    tiny.prefill([], "And of Spain")
+    assert len(seen) > 3
+    assert len({tid for tid, _ in seen}) == 1
+    assert seen[0][0] not in (threading.get_native_id(), worker.native_id)
+
+
+def test_the_llm_leaves_a_core_while_another_stage_computes(tiny, tiny_phi3: Path) -> None:
+    from edge.cpu_share import SHARE
+
+    seen = _eval_threads(tiny)
+    tiny.warm("Be brief.")
+    assert seen[-1][1] == (2, 2)
+    with SHARE.busy():
+        assert SHARE.others_busy and SHARE.idle_s() == 0.0
+        tiny.forget()
+        tiny.warm("Be brief.")
+    assert seen[-1][1] == (1, 1)
+    assert not SHARE.others_busy and SHARE.idle_s() > 0.0
+    _reply(tiny, [], "Hi")
+    assert seen[-1][1] == (2, 2)
+    fixed = make_chat_model(_cfg(share_cores=False), tiny_phi3)
+    try:
+        seen = _eval_threads(fixed)
+        with SHARE.busy():
+            fixed.warm("Be brief.")
+        assert {threads for _, threads in seen} == {(2, 2)}
+    finally:
+        fixed.close()
+
+
+def test_a_prefill_waits_for_the_other_stages_and_stops_when_cancelled(tiny) -> None:
+    from edge.cpu_share import SHARE
+
+    tiny.warm("Be brief.")
+    n = tiny.cached_tokens
+    cancel = threading.Event()
+    with SHARE.busy():
+        worker = threading.Thread(target=tiny.prefill, args=([], "What is the capital of France?"),
+                                  kwargs={"cancel": cancel})
+        worker.start()
+        time.sleep(0.3)
+        assert worker.is_alive() and tiny.cached_tokens == n  # waiting for the decode beside it
+        cancel.set()
+        worker.join(5)
+    assert not worker.is_alive() and tiny.cached_tokens == n
+    tiny.prefill([], "What is the capital of France?", cancel=threading.Event())
+    assert tiny.cached_tokens > n
