@@ -202,9 +202,9 @@ class VadOfflineRecognizer(FeedingRecognizer):
         if self._closed:
             raise closed_error()
         t0 = time.perf_counter()
-        stream = self._rec.create_stream()
-        stream.accept_waveform(SAMPLE_RATE, samples.astype(np.float32) / 32768.0)
         with SHARE.busy():
+            stream = self._rec.create_stream()
+            stream.accept_waveform(SAMPLE_RATE, samples.astype(np.float32) / 32768.0)
             self._rec.decode_stream(stream)
         return clean_transcript(stream.result.text), time.perf_counter() - t0
 
@@ -220,9 +220,9 @@ class VadOfflineRecognizer(FeedingRecognizer):
         start = max(speech_at - int(LEAD_S * SAMPLE_RATE), self._audio.base)
         samples = self._audio.span(start, end)
         t0 = time.perf_counter()
-        stream = self._rec.create_stream()
-        stream.accept_waveform(SAMPLE_RATE, samples.astype(np.float32) / 32768.0)
-        with SHARE.busy():
+        with SHARE.busy():  # the features too: a prefill slice must not start beside the decode
+            stream = self._rec.create_stream()
+            stream.accept_waveform(SAMPLE_RATE, samples.astype(np.float32) / 32768.0)
             self._rec.decode_stream(stream)
         took = time.perf_counter() - t0
         text = clean_transcript(stream.result.text)
