@@ -37,7 +37,6 @@ from edge.systemd import Status
 
 _LOGGER = logging.getLogger(__name__)
 
-SPEAKER_LOST = Status.SPEAKER_LOST
 # A conversation that fails on this many chunks in a row (2 s of audio) is broken beyond a
 # cancelled turn: the audio loop ends, the daemon exits non-zero and systemd restarts it.
 FEED_FAILURES_MAX = 100
@@ -98,7 +97,7 @@ class Daemon:
         if self.mic_state in ("lost", "waiting"):
             self.status(Status.MIC_LOST, "mic_lost")
         elif self.speaker_state == "lost":
-            self.status(SPEAKER_LOST, "speaker_lost")
+            self.status(Status.SPEAKER_LOST, "speaker_lost")
         elif self.conv is not None and self.conv.muted:
             self.status("muted", "muted")
         elif self.bridge is not None and not self.bridge.connected:

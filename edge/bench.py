@@ -203,8 +203,10 @@ def run_baseline(cfg: Config, stages: Any, audio: TurnAudio) -> dict[str, float]
     # may have re-used a decode made at the pause: decode the question again to time it.
     transcribe = getattr(rec, "transcribe", None)
     if transcribe is not None:
-        start = int(max(0.0, audio.speech_start - 0.3) * SAMPLE_RATE)
-        end = int((audio.speech_end + 0.25) * SAMPLE_RATE)
+        from edge.stt_vad import LEAD_S, TAIL_S
+
+        start = int(max(0.0, audio.speech_start - LEAD_S) * SAMPLE_RATE)
+        end = int((audio.speech_end + TAIL_S) * SAMPLE_RATE)
         stt_s = transcribe(audio.samples[start:end])[1]
     else:
         stt_s = final.decode_s or pause_decode_s
@@ -334,7 +336,7 @@ def peak_rss_mb() -> float:
 
 
 def summarize(cfg: Config, profile: str, results: list[TurnResult], cpu: float | None,
-              plain_tps: float | None, load_s: float, pipeline_rss: float | None = None) -> dict[str, Any]:
+              plain_tps: float | None, load_s: float, pipeline_rss: float) -> dict[str, Any]:
     def col(rows: list[dict[str, float]], key: str) -> list[float]:
         return [r[key] for r in rows if key in r]
 
@@ -350,7 +352,6 @@ def summarize(cfg: Config, profile: str, results: list[TurnResult], cpu: float |
     gen = col([r.llm for r in results], "generation_tokens_per_s")
     alone = col(base, "generation_tokens_per_s")
     pipeline_tps = round(statistics.median(gen), 2) if gen else None
-    rss_mb = pipeline_rss if pipeline_rss is not None else peak_rss_mb()
     median_turn = sorted(results, key=lambda r: r.stages_ms.get("end_of_speech_to_first_audio", 0))[len(results) // 2]
     report = {
         "profile": profile,
@@ -375,7 +376,7 @@ def summarize(cfg: Config, profile: str, results: list[TurnResult], cpu: float |
         "stt_rtf": round(percentile(col(base, "stt_rtf"), 50), 3),
         "tts_rtf": round(percentile(col(base, "tts_rtf"), 50), 3),
         "wake_vad_cpu_percent": cpu,
-        "peak_rss_mb": rss_mb,
+        "peak_rss_mb": pipeline_rss,
         "peak_rss_mb_with_baseline": peak_rss_mb(),
         "median_turn": dataclasses.asdict(median_turn),
         "targets": TARGETS,

@@ -296,9 +296,7 @@ class Conversation:
 
     def off_hook(self, greeting: str = "") -> None:
         """A handset was lifted: a fresh session, a greeting, then listening turn after turn."""
-        self.cancel(reason="off_hook")
-        ended = self.sessions.end()
-        self._emit(EventType.SESSION_END, None, reason="off_hook", ended=ended.id)
+        self._end_session("off_hook")
         self.continuous = True
         if greeting:
             self.say(greeting)
@@ -308,9 +306,12 @@ class Conversation:
     def on_hook(self) -> None:
         """The handset was put down: stop, and forget the conversation."""
         self.continuous = False
-        self.cancel(reason="on_hook")
+        self._end_session("on_hook")
+
+    def _end_session(self, reason: str) -> None:
+        self.cancel(reason=reason)
         ended = self.sessions.end()
-        self._emit(EventType.SESSION_END, None, reason="on_hook", ended=ended.id)
+        self._emit(EventType.SESSION_END, None, reason=reason, ended=ended.id)
 
     def mute(self) -> None:
         self.muted = True
@@ -697,11 +698,8 @@ class Conversation:
         (on a Pi 5 it generates at about the pace of speech), so it goes first, and the voice
         picks up the next clause when the speaker's queue runs low.
         """
-        if not reply.tts_started:
-            return  # the first clause: the LLM is waiting for it
-        buffered = getattr(self.speaker, "buffered_s", None)
-        if buffered is None:
-            return
+        if not reply.tts_started or not hasattr(self.speaker, "buffered_s"):
+            return  # the first clause (the LLM is waiting for it), or a speaker that cannot tell
         while ("first_token" in reply.marks and "reply_done" not in reply.marks
                and self.speaker.buffered_s > TTS_LEAD_S and not reply.cancel.is_set()):
             time.sleep(0.01)

@@ -178,16 +178,15 @@ class Kiosk:
 
     ``conv`` is the :class:`~edge.conversation.Conversation`, ``speaker`` the one it speaks
     through, ``gate`` the daemon's :class:`EchoGate`. Subscribe :meth:`on_event` to the bus.
+    ``cfg`` has passed :func:`check_gpio_config` (the daemon checks it before loading models).
     """
 
     def __init__(self, cfg: Config, conv: Any, speaker: Any, gate: EchoGate) -> None:
-        check_gpio_config(cfg.conversation, cfg.source)
         self.cfg = cfg
         self.conv = conv
         self.speaker = speaker
         self.gate = gate
         self.off_hook = False
-        self.chimes = 0
         self._lock = threading.Lock()
         self._lines: list[GpioLine] = []
 
@@ -203,7 +202,7 @@ class Kiosk:
             _LOGGER.info("push-to-talk button on %s line %s", button.chip, button.line)
         if c.hook_chip:
             hook = GpioLine(c.hook_chip, c.hook_line, active_low=c.hook_active_low,
-                            on_change=lambda off: self.hook(off), **common)
+                            on_change=self.hook, **common)
             lifted = hook.open()
             self._lines.append(hook)
             _LOGGER.info("handset hook on %s line %s: %s", hook.chip, hook.line,
@@ -263,4 +262,3 @@ class Kiosk:
         self.gate.hold(len(tone) / self.speaker.rate + getattr(self.speaker, "latency", 0.0))
         self.speaker.begin()
         self.speaker.write(tone)
-        self.chimes += 1

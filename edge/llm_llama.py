@@ -27,7 +27,7 @@ _LOGGER = logging.getLogger(__name__)
 EVAL_SLICE = 32
 # A prefill call evaluates at most this many tokens, so a stream() that follows it waits little,
 # in slices this short: it stops within one slice when the reply is wanted (its ``cancel``), and
-# each slice picks its thread count anew (``cpu_share``) while speech-to-text decodes beside it.
+# a slice starts only once no other stage has computed for PREFILL_AFTER_OTHERS_S.
 PREFILL_MAX_TOKENS = 64
 PREFILL_SLICE = 4
 PREFILL_AFTER_OTHERS_S = 0.02
@@ -239,7 +239,7 @@ class LlamaChatModel:
         return n
 
     def _eval(self, tokens: Sequence[int], stopped: Callable[[], str | None] | None = None,
-              turn: int | None = None, slice_len: int = EVAL_SLICE, shared: bool = False) -> str | None:
+              turn: int | None = None, slice_len: int = EVAL_SLICE) -> str | None:
         """Evaluate in slices; returns why it stopped early, or None when all were evaluated."""
         for i in range(0, len(tokens), slice_len):
             why = stopped() if stopped else None
@@ -249,11 +249,11 @@ class LlamaChatModel:
                 return why
             with self._lock:
                 self._check_open()
-                self._decode(tokens[i:i + slice_len], shared)
+                self._decode(tokens[i:i + slice_len])
         return None
 
-    def _decode(self, tokens: Sequence[int], shared: bool = False) -> None:
-        threads = self._threads[1] if shared or cpu_share.SHARE.others_busy else self._threads[0]
+    def _decode(self, tokens: Sequence[int]) -> None:
+        threads = self._threads[1] if cpu_share.SHARE.others_busy else self._threads[0]
         if threads != self._threads_now:
             self._lib.llama_set_n_threads(self._llm.ctx, *threads)
             self._threads_now = threads

@@ -139,14 +139,14 @@ class StreamingRecognizer(FeedingRecognizer):
     # -- internals -----------------------------------------------------------------------------
 
     def _decode_ready(self) -> bool:
+        if not self._rec.is_ready(self._stream):
+            return False
         t0 = time.perf_counter()
-        decoded = False
-        while self._rec.is_ready(self._stream):
-            with SHARE.busy():
+        with SHARE.busy():
+            while self._rec.is_ready(self._stream):
                 self._rec.decode_stream(self._stream)
-            decoded = True
         self._decode_s += time.perf_counter() - t0
-        return decoded
+        return True
 
     def _token_end(self, res: Any) -> float:
         """Timeline seconds just after the last decoded token."""

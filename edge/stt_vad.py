@@ -201,12 +201,7 @@ class VadOfflineRecognizer(FeedingRecognizer):
         """Decode a whole utterance at once (a sequential pipeline's way); (text, seconds)."""
         if self._closed:
             raise closed_error()
-        t0 = time.perf_counter()
-        with SHARE.busy():
-            stream = self._rec.create_stream()
-            stream.accept_waveform(SAMPLE_RATE, samples.astype(np.float32) / 32768.0)
-            self._rec.decode_stream(stream)
-        return clean_transcript(stream.result.text), time.perf_counter() - t0
+        return self._recognize(samples)
 
     def close(self) -> None:
         self._closed = True
@@ -218,7 +213,10 @@ class VadOfflineRecognizer(FeedingRecognizer):
 
     def _decode(self, speech_at: int, end: int) -> tuple[str, float]:
         start = max(speech_at - int(LEAD_S * SAMPLE_RATE), self._audio.base)
-        samples = self._audio.span(start, end)
+        return self._recognize(self._audio.span(start, end))
+
+    def _recognize(self, samples: np.ndarray) -> tuple[str, float]:
+        """Decode ``samples`` with the offline model; (text, seconds)."""
         t0 = time.perf_counter()
         with SHARE.busy():  # the features too: a prefill slice must not start beside the decode
             stream = self._rec.create_stream()
@@ -316,9 +314,7 @@ class VadOfflineRecognizer(FeedingRecognizer):
         pause, self._pause = self._pause, None
         if self._in_preroll(speech_end):
             # The wake word's tail, heard in the pre-roll and then silence: keep listening.
-            self._speech_at = None
-            self._last_partial = ""
-            return []
+            return self._keep_listening()
         if pause is not None and abs(pause[0] - speech_end) <= int(SAME_END_S * SAMPLE_RATE):
             # Nothing was said since the pause: its transcript is the final one, no second decode.
             self._done = True
@@ -326,8 +322,12 @@ class VadOfflineRecognizer(FeedingRecognizer):
         text, took = self._decode(self._speech_at, decode_end)
         if not text:
             # A cough, a knock, noise the model hears no words in: not a question; keep listening.
-            self._speech_at = None
-            self._last_partial = ""
-            return []
+            return self._keep_listening()
         self._done = True
         return [SttUpdate(FINAL, text, self._timeline.end_s, self._timeline.seconds(speech_end), took)]
+
+    def _keep_listening(self) -> list[SttUpdate]:
+        """The segment that just closed was no question: wait for speech to start again."""
+        self._speech_at = None
+        self._last_partial = ""
+        return []

@@ -28,6 +28,7 @@ from edge.clauses import has_words, strip_markdown
 from edge.config import TtsConfig
 from edge.cpu_share import SHARE
 from edge.errors import ConfigError, MissingDependency, ModelError, StageError
+from edge.onnxmeta import read_onnx_metadata
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -101,15 +102,9 @@ def normalize_for_speech(text: str, language: str = "en") -> str:
 
 # --- checks before sherpa-onnx sees a file ----------------------------------------------
 
-def _read_metadata(path: Path) -> dict[str, str]:
-    from edge.onnxmeta import read_onnx_metadata
-
-    return read_onnx_metadata(path)
-
-
 def check_vits_model(path: Path) -> dict[str, str]:
     """The model's metadata, or ModelError naming the file and the first missing key."""
-    meta = _read_metadata(path)
+    meta = read_onnx_metadata(path)
     for key in _VITS_REQUIRED:
         if key not in meta:
             raise ModelError(f"{path}: the voice model lacks the metadata key {key!r}: install the voice "
@@ -366,7 +361,7 @@ def make_synthesizer(cfg: TtsConfig, files: dict[str, Path]) -> Synthesizer:
             raise ConfigError(f"tts.speaker_id: {cfg.speaker_id} is out of range: the voice has "
                               f"{n_speakers} speaker(s), 0 to {n_speakers - 1}")
     else:
-        meta = _read_metadata(model)
+        meta = read_onnx_metadata(model)
         if "sample_rate" not in meta:
             raise ModelError(f"{model}: the {kind} model lacks the metadata key 'sample_rate'",
                              code="model.invalid")

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from edge.audio.chunk import SAMPLE_RATE, AudioChunk
 from edge.config import WakeConfig, WakeWord
-from edge.onnxmeta import read_onnx_metadata
 from edge.errors import ConfigError, MissingDependency, ModelError, StageError
+from edge.onnxmeta import read_onnx_metadata
 from edge.wake import Trigger, WakeHit
 
 _LOGGER = logging.getLogger(__name__)
@@ -57,10 +57,6 @@ def _pick(files: dict[str, Path], role: str, model_id: str) -> Path:
     return Path(files[names[0]])
 
 
-def _metadata(path: Path) -> dict[str, str]:
-    return read_onnx_metadata(path)
-
-
 def _ints(meta: dict[str, str], key: str, path: Path, what: str) -> list[int]:
     if key not in meta:
         raise ModelError(f"{path}: the {what} lacks metadata {key!r} that sherpa-onnx needs; "
@@ -77,7 +73,7 @@ def _ints(meta: dict[str, str], key: str, path: Path, what: str) -> list[int]:
 
 def check_transducer(encoder: Path, decoder: Path, joiner: Path) -> dict[str, int]:
     """Check the metadata sherpa-onnx reads; returns T, decode_chunk_len, vocab_size, context_size."""
-    meta = _metadata(encoder)
+    meta = read_onnx_metadata(encoder)
     model_type = meta.get("model_type", "")
     if model_type not in _ENCODER_KEYS:
         known = ", ".join(_ENCODER_KEYS)
@@ -89,10 +85,10 @@ def check_transducer(encoder: Path, decoder: Path, joiner: Path) -> dict[str, in
     if len(set(lengths.values())) > 1:
         raise ModelError(f"{encoder}: encoder metadata lists differ in length ({lengths})", code="model.invalid")
     info = {key: _ints(meta, key, encoder, "encoder")[0] for key in scalars}
-    dec = _metadata(decoder)
+    dec = read_onnx_metadata(decoder)
     for key in ("vocab_size", "context_size"):
         info[key] = _ints(dec, key, decoder, "decoder")[0]
-    _metadata(joiner)
+    read_onnx_metadata(joiner)
     if info["T"] < 1 or info["decode_chunk_len"] < 1 or info["vocab_size"] < 2 or info["context_size"] < 1:
         raise ModelError(f"{encoder}: implausible transducer metadata {info}", code="model.invalid")
     return info

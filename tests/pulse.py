@@ -40,6 +40,17 @@ def require_pulseaudio() -> None:
         pytest.skip(f"{', '.join(missing)} not installed (apt-get install pulseaudio pulseaudio-utils)")
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 5) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Recording:
     """parec of the speaker's monitor into a raw file, 16 kHz mono s16le."""
 
@@ -51,13 +62,7 @@ class Recording:
         return np.fromfile(self.path, dtype="<i2").copy() if self.path.exists() else np.zeros(0, np.int16)
 
     def stop(self) -> np.ndarray:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         return self.audio()
 
 
@@ -136,13 +141,8 @@ class PulseServer:
                 child.kill()
                 child.wait()
         self._children.clear()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
 
     def __enter__(self) -> "PulseServer":
         return self.start()

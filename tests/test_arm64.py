@@ -328,11 +328,9 @@ def device_requirements(python: str) -> list[str]:
 
 def resolve(python: str, glibc_minor: int, constraints: Path, target: Path) -> dict[str, str]:
     tag = "cp" + python.replace(".", "")
-    plat = [a for p in common.aarch64_platforms(glibc_minor) for a in ("--platform", p)]
     cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report", "-", "--ignore-installed",
-           "--disable-pip-version-check", "--target", str(target), "--only-binary", ":all:", *plat,
-           "--python-version", python, "--implementation", "cp", "--abi", tag, "-c", str(constraints),
-           *device_requirements(python)]
+           "--disable-pip-version-check", "--target", str(target), *common.aarch64_wheel_target(python, glibc_minor),
+           "-c", str(constraints), *device_requirements(python)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, f"no {tag} aarch64 wheels for the device extras:\n{r.stderr[-3000:]}"
     report = json.loads(r.stdout)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -36,7 +35,7 @@ from edge.kiosk import EchoGate, GpioLine, Kiosk, check_gpio_config, chime
 from mosquitto import Mosquitto, Probe
 from notify_socket import NotifyCollector
 from pulse import RATE as PULSE_RATE
-from pulse import PulseServer
+from pulse import PulseServer, stop_process
 from voice import Ears, conversation, wer, words
 
 REPO = Path(__file__).resolve().parents[1]
@@ -310,13 +309,7 @@ class LiveDaemon:
                                          cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log)
 
     def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 30)
         return self.proc.returncode
 
     def log(self) -> str:

@@ -197,7 +197,7 @@ def _khz(rates: tuple[int, ...]) -> str:
 
 def _selection(devices: list[Any], spec: str, is_input: bool, want_rate: int = 0) -> dict[str, Any]:
     """Which listed device a config's ``input_device``/``output_device`` picks, and how."""
-    from edge.audio.pyaudio_io import find_device
+    from edge.audio.pyaudio_io import capture_rates, find_device
 
     kind = "input" if is_input else "output"
     out: dict[str, Any] = {"role": kind, "spec": spec}
@@ -227,8 +227,7 @@ def _selection(devices: list[Any], spec: str, is_input: bool, want_rate: int = 0
     channels = d.input_channels if is_input else d.output_channels
     out.update(index=index, name=d.name, rates=list(rates), channels=channels)
     if is_input and rates:
-        # The order PyAudioMicrophone tries them in.
-        order = [want_rate] if want_rate else [SAMPLE_RATE, d.default_rate, 48000, 44100]
+        order = capture_rates(want_rate, d.default_rate)  # as PyAudioMicrophone tries them
         out["capture_rate"] = next((r for r in order if r in rates), order[0])
     return out
 

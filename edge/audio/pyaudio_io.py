@@ -113,7 +113,6 @@ class _Host:
         self.lock = threading.RLock()
         self._pa: Any = None
         self._users: list[Any] = []
-        self.restarts = 0
 
     def pa(self) -> Any:
         with self.lock:
@@ -145,7 +144,6 @@ class _Host:
                 self._pa = None
             t0 = time.monotonic()
             pa = self.pa()
-            self.restarts += 1
             _LOGGER.info("PortAudio re-initialised in %.0f ms: %d devices", 1000 * (time.monotonic() - t0),
                          pa.get_device_count())
             for u in others:
@@ -240,12 +238,49 @@ def find_device(pa: Any, spec: str, is_input: bool) -> int | None:
                      code="audio.no_device")
 
 
-def _rates(wanted: list[int], info: dict) -> list[int]:
-    return list(dict.fromkeys([r for r in [*wanted, int(info["defaultSampleRate"]), 48000, 44100] if r > 0]))
+def _rates(wanted: list[int], default_rate: int) -> list[int]:
+    return list(dict.fromkeys([r for r in [*wanted, default_rate, 48000, 44100] if r > 0]))
 
 
-def _channels(info: dict, key: str) -> list[int]:
-    return [c for c in (1, 2) if c <= max(1, int(info[key]))]
+def capture_rates(want_rate: int, default_rate: int) -> list[int]:
+    """The rates a microphone is opened at, in the order tried (``want_rate`` 0: any)."""
+    return [want_rate] if want_rate else _rates([SAMPLE_RATE], default_rate)
+
+
+def _device_info(pa: Any, spec: str, is_input: bool) -> tuple[int | None, dict]:
+    """The index ``spec`` names (None: the default device) and its PortAudio info."""
+    try:
+        index = find_device(pa, spec, is_input)
+        if index is not None:
+            return index, pa.get_device_info_by_index(index)
+        return None, pa.get_default_input_device_info() if is_input else pa.get_default_output_device_info()
+    except OSError as err:
+        kind = "input" if is_input else "output"
+        raise AudioError(f"no audio {kind} device: {err}", code="audio.no_device") from None
+
+
+def _open_first(info: dict, is_input: bool, rates: list[int],
+                open_at: Callable[[int, int], Any]) -> tuple[Any, int, int]:
+    """``(stream, rate, channels)`` from the first of ``rates`` that opens, mono before stereo."""
+    key = "maxInputChannels" if is_input else "maxOutputChannels"
+    last: Exception | None = None
+    for rate in rates:
+        for channels in (c for c in (1, 2) if c <= max(1, int(info[key]))):
+            try:
+                return open_at(rate, channels), rate, channels
+            except (OSError, ValueError) as err:
+                last = err
+    kind = "input" if is_input else "output"
+    raise AudioError(f"cannot open audio {kind} {info['name']!r}: {last}", code="audio.open_failed")
+
+
+def _shut(stream: Any) -> None:
+    """Stop and close a stream; a dead device's errors are ignored: closing is all that is left."""
+    for op in (stream.stop_stream, stream.close):
+        try:
+            op()
+        except OSError:
+            pass
 
 
 # -- capture -------------------------------------------------------------------------
@@ -266,7 +301,6 @@ class PyAudioMicrophone:
         self.name = device or "default"
         self.rate = 0
         self.channels = 1
-        self.overflows = 0
         self.last_audio = 0.0
 
     @property
@@ -287,29 +321,12 @@ class PyAudioMicrophone:
     def _open_stream(self) -> None:
         pyaudio = _pyaudio()
         pa = _HOST.pa()
-        try:
-            index = find_device(pa, self.device, True)
-            info = pa.get_device_info_by_index(index) if index is not None else pa.get_default_input_device_info()
-        except OSError as err:
-            raise AudioError(f"no audio input device: {err}", code="audio.no_device") from None
-        rates = [self.want_rate] if self.want_rate else _rates([SAMPLE_RATE], info)
-        last_err: Exception | None = None
-        stream = None
-        for rate in rates:
-            for channels in _channels(info, "maxInputChannels"):
-                try:
-                    stream = pa.open(format=pyaudio.paInt16, channels=channels, rate=rate, input=True,
-                                     input_device_index=index, frames_per_buffer=int(rate * CAPTURE_PERIOD_S),
-                                     stream_callback=self._callback, start=False)
-                except (OSError, ValueError) as err:
-                    last_err = err
-                    continue
-                self.rate, self.channels = rate, channels
-                break
-            if stream is not None:
-                break
-        if stream is None:
-            raise AudioError(f"cannot open audio input {info['name']!r}: {last_err}", code="audio.open_failed")
+        index, info = _device_info(pa, self.device, True)
+        stream, self.rate, self.channels = _open_first(
+            info, True, capture_rates(self.want_rate, int(info["defaultSampleRate"])),
+            lambda rate, channels: pa.open(format=pyaudio.paInt16, channels=channels, rate=rate, input=True,
+                                           input_device_index=index, frames_per_buffer=int(rate * CAPTURE_PERIOD_S),
+                                           stream_callback=self._callback, start=False))
         self.name = info["name"]
         # The rechunker is kept: a reopened stream continues the audio timeline.
         self._resampler = Resampler(self.rate, SAMPLE_RATE) if self.rate != SAMPLE_RATE else None
@@ -325,8 +342,6 @@ class PyAudioMicrophone:
                      "" if self._resampler is None else f", resampled to {SAMPLE_RATE} Hz")
 
     def _callback(self, in_data: bytes, frame_count: int, time_info: Any, status: int) -> tuple[None, int]:
-        if status:
-            self.overflows += 1
         x = np.frombuffer(in_data, dtype="<i2")
         if self.channels > 1:
             x = to_mono_int16(x[: len(x) - len(x) % self.channels].reshape(-1, self.channels))
@@ -357,14 +372,7 @@ class PyAudioMicrophone:
         with self._lock:
             stream, self._stream = self._stream, None
         if stream is not None:
-            try:
-                stream.stop_stream()
-            except OSError:
-                pass  # already dead: closing is all that is left
-            try:
-                stream.close()
-            except OSError:
-                pass
+            _shut(stream)
 
     # PortAudio restarts for another device.
     def _host_closing(self) -> None:
@@ -409,6 +417,7 @@ class PyAudioSpeaker(QueuedSpeaker):
         self._stream: Any = None
         self._resampler: Resampler | None = None
         self._channels = 1
+        self._silence = bytes(2)
         self._stop = threading.Event()
         self._sound_until = 0.0  # the speaker thread is writing sound: the filler keeps off
         self.name = device or "default"
@@ -416,9 +425,7 @@ class PyAudioSpeaker(QueuedSpeaker):
         self.latency = 0.0
         self.audible_until = 0.0
         self.state = "closed"
-        self.detail = ""
         self.dropped_blocks = 0
-        self.reopens = 0
         _HOST.register(self)
         try:
             with _HOST.lock:
@@ -433,7 +440,7 @@ class PyAudioSpeaker(QueuedSpeaker):
     def _set_state(self, state: str, detail: str) -> None:
         if state == self.state:
             return
-        self.state, self.detail = state, detail
+        self.state = state
         cb = self.on_state
         if cb is not None:
             try:
@@ -444,41 +451,27 @@ class PyAudioSpeaker(QueuedSpeaker):
     def _open_stream(self) -> None:
         pyaudio = _pyaudio()
         pa = _HOST.pa()
-        try:
-            index = find_device(pa, self.device, False)
-            info = pa.get_device_info_by_index(index) if index is not None else pa.get_default_output_device_info()
-        except OSError as err:
-            raise AudioError(f"no audio output device: {err}", code="audio.no_device") from None
-        last: Exception | None = None
-        for out_rate in _rates([self.rate], info):
-            for channels in _channels(info, "maxOutputChannels"):
-                try:
-                    stream = pa.open(format=pyaudio.paInt16, channels=channels, rate=out_rate, output=True,
-                                     output_device_index=index, frames_per_buffer=out_rate // 50)
-                except (OSError, ValueError) as err:
-                    last = err
-                    continue
-                with self._io:
-                    self._stream = stream
-                    self._channels = channels
-                    self.out_rate = out_rate
-                    self._resampler = Resampler(self.rate, out_rate) if out_rate != self.rate else None
-                    self.latency = float(stream.get_output_latency())
-                self.name = info["name"]
-                _LOGGER.info("speaker %r open at %d Hz, %d channel(s), latency %.0f ms", self.name, out_rate,
-                             channels, 1000 * self.latency)
-                return
-        raise AudioError(f"cannot open audio output {info['name']!r}: {last}", code="audio.open_failed")
+        index, info = _device_info(pa, self.device, False)
+        stream, out_rate, channels = _open_first(
+            info, False, _rates([self.rate], int(info["defaultSampleRate"])),
+            lambda rate, channels: pa.open(format=pyaudio.paInt16, channels=channels, rate=rate, output=True,
+                                           output_device_index=index, frames_per_buffer=rate // 50))
+        with self._io:
+            self._stream = stream
+            self._channels = channels
+            self.out_rate = out_rate
+            self._silence = bytes(2 * channels * max(1, out_rate // 50))  # one block, for the filler
+            self._resampler = Resampler(self.rate, out_rate) if out_rate != self.rate else None
+            self.latency = float(stream.get_output_latency())
+        self.name = info["name"]
+        _LOGGER.info("speaker %r open at %d Hz, %d channel(s), latency %.0f ms", self.name, out_rate,
+                     channels, 1000 * self.latency)
 
     def _close_stream(self) -> None:
         with self._io:
             stream, self._stream = self._stream, None
         if stream is not None:
-            for op in (stream.stop_stream, stream.close):
-                try:
-                    op()
-                except OSError:
-                    pass  # a dead device: nothing more to stop
+            _shut(stream)
 
     def _lose(self, why: str) -> None:
         if self.state != "lost":
@@ -532,7 +525,6 @@ class PyAudioSpeaker(QueuedSpeaker):
                         next_try, backoff = now + backoff, min(backoff * 2, self.backoff_max_s)
                     else:
                         backoff = 0.5
-                        self.reopens += 1
                         _LOGGER.info("speaker %r back", self.name)
                         self._set_state("open", f"playing on {self.name!r}")
                 self._stop.wait(0.25)
@@ -540,7 +532,7 @@ class PyAudioSpeaker(QueuedSpeaker):
                 self._stop.wait(0.01)
             else:
                 # Blocking: the device paces this loop. The pause lets the speaker thread in.
-                self._write(np.zeros(max(1, self.out_rate // 50) * self._channels, dtype="<i2").tobytes())
+                self._write(self._silence)
                 self._stop.wait(0.002)
 
     # PortAudio restarts for another device.

@@ -68,23 +68,45 @@ class Binfmt:
         self.interpreter = ""
         self.fixed = False  # F flag: the kernel holds the interpreter open, a chroot needs no copy
 
+    def _mount(self) -> str:
+        """Mount binfmt_misc unless it is mounted; returns why it could not be ('' when it is)."""
+        if (BINFMT / "register").exists():
+            return ""
+        proc = subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            return proc.stderr.strip() or str(proc.returncode)
+        self.mounted = True
+        return ""
+
+    def _adopt_stale(self) -> str:
+        """Take over what an interrupted run left registered or enabled; returns what it would
+        have done on restore ("-1" remove, "0" disable), or ""."""
+        try:
+            pid_text, action = OWNER.read_text().split()
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            return ""
+        if action not in ("-1", "0") or (_pid_alive(pid) and pid != os.getpid()):
+            return ""
+        if action == "-1":
+            self.registered = True
+        else:
+            self.enabled_by_us = True
+        return action
+
     def enable(self) -> None:
-        if not (BINFMT / "register").exists():
-            proc = subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise Unavailable(f"cannot mount binfmt_misc on {BINFMT}: {proc.stderr.strip() or proc.returncode}"
-                                  " (a container without CAP_SYS_ADMIN, or a kernel without binfmt_misc)")
-            self.mounted = True
+        why = self._mount()
+        if why:
+            raise Unavailable(f"cannot mount binfmt_misc on {BINFMT}: {why}"
+                              " (a container without CAP_SYS_ADMIN, or a kernel without binfmt_misc)")
+        if self.mounted:
             say(f"mounted binfmt_misc on {BINFMT}")
         entry = BINFMT / NAME
         if entry.exists():
-            action = self._stale_owner_action()
+            action = self._adopt_stale()
             if action == "-1":
-                self.registered = True
                 say(f"taking over the {NAME} registration left by an interrupted run")
-            elif action == "0":
-                self.enabled_by_us = True
             state = parse_entry(entry.read_text())
             if state["enabled"] != "yes":
                 OWNER.write_text(f"{os.getpid()} 0")
@@ -110,34 +132,20 @@ class Binfmt:
         self.interpreter = state["interpreter"]
         self.fixed = "F" in state["flags"]
 
-    def _stale_owner_action(self) -> str:
-        """What an interrupted run would have done on restore ("-1" remove, "0" disable), or ""."""
-        try:
-            pid_text, action = OWNER.read_text().split()
-            pid = int(pid_text)
-        except (OSError, ValueError):
-            return ""
-        if action not in ("-1", "0") or (_pid_alive(pid) and pid != os.getpid()):
-            return ""
-        return action
-
     def restore(self) -> list[str]:
         """Undo what enable() did; returns what could not be undone (empty when all went back)."""
         problems = []
         entry = BINFMT / NAME
-        if self.registered and entry.exists():
-            try:
-                entry.write_text("-1")
-                say(f"removed the {NAME} registration")
-            except OSError as err:
-                problems.append(f"could not remove {entry}: {err}")
-        elif self.enabled_by_us and entry.exists():
-            try:
-                entry.write_text("0")
-                say(f"disabled {NAME} again")
-            except OSError as err:
-                problems.append(f"could not disable {entry}: {err}")
         if self.registered or self.enabled_by_us:
+            # Remove what we registered, else disable what we enabled.
+            value, done, verb = (("-1", f"removed the {NAME} registration", "remove") if self.registered
+                                 else ("0", f"disabled {NAME} again", "disable"))
+            if entry.exists():
+                try:
+                    entry.write_text(value)
+                    say(done)
+                except OSError as err:
+                    problems.append(f"could not {verb} {entry}: {err}")
             OWNER.unlink(missing_ok=True)
         if self.mounted:
             proc = subprocess.run(["umount", str(BINFMT)], capture_output=True, text=True)
@@ -152,18 +160,12 @@ class Binfmt:
 def cleanup_stale() -> bool:
     """Undo what a run that died without restoring left behind; True if there was anything."""
     b = Binfmt()
-    if not (BINFMT / "register").exists():
-        if subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)],
-                          capture_output=True).returncode != 0:
-            return False
-        b.mounted = True
-    action = b._stale_owner_action() if (BINFMT / NAME).exists() else ""
-    if action == "-1":
-        b.registered = True
-    elif action == "0":
-        b.enabled_by_us = True
+    if b._mount():
+        return False
+    if (BINFMT / NAME).exists():
+        action = b._adopt_stale()
     else:
-        if not (BINFMT / NAME).exists():
-            OWNER.unlink(missing_ok=True)
+        action = ""
+        OWNER.unlink(missing_ok=True)
     b.restore()
     return bool(action)

@@ -132,6 +132,14 @@ def aarch64_platforms(glibc_minor: int) -> list[str]:
     return [f"manylinux_2_{m}_aarch64" for m in range(glibc_minor, 16, -1)] + ["manylinux2014_aarch64"]
 
 
+def aarch64_wheel_target(python: str, glibc_minor: int) -> list[str]:
+    """pip options that choose binary wheels for CPython ``python`` on aarch64 with glibc
+    2.<glibc_minor> instead of for this host."""
+    plat = [a for p in aarch64_platforms(glibc_minor) for a in ("--platform", p)]
+    return ["--only-binary", ":all:", *plat, "--python-version", python, "--implementation", "cp",
+            "--abi", "cp" + python.replace(".", "")]
+
+
 @contextmanager
 def locked(path: Path, what: str) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if needed); waits, saying so, if it is taken."""

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import wave
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +25,10 @@ import numpy as np
 
 
 def read_wav(path: Path) -> np.ndarray:
-    """A mono 16-bit WAV of any rate as 16 kHz int16 samples."""
-    from edge.audio.chunk import resample
+    """A WAV as 16 kHz mono int16 samples."""
+    from edge.audio.wav import read_wav as read
 
-    with wave.open(str(path), "rb") as w:
-        if (w.getnchannels(), w.getsampwidth()) != (1, 2):
-            raise SystemExit(f"{path}: expected mono 16-bit audio")
-        rate = w.getframerate()
-        samples = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.int16)
-    return resample(samples, rate, 16000)
-
-
-def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(np.asarray(samples, dtype="<i2").tobytes())
+    return read(path)[0]
 
 
 def chunks(samples: np.ndarray) -> list[Any]:
@@ -124,8 +110,9 @@ def synthesize(cfg: Any, files: dict[str, Any], text: str) -> tuple[np.ndarray, 
 def timed(results: dict[str, Any], name: str, fn: Any, *args: Any) -> Any:
     t0 = time.monotonic()
     value = fn(*args)
-    results.setdefault("seconds", {})[name] = round(time.monotonic() - t0, 2)
-    print(f"  {name}: {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+    seconds = time.monotonic() - t0
+    results.setdefault("seconds", {})[name] = round(seconds, 2)
+    print(f"  {name}: {seconds:.1f} s", file=sys.stderr, flush=True)
     return value
 
 
@@ -141,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reply-wav", type=Path, help="where to write the synthesized reply")
     args = p.parse_args(argv)
 
+    from edge.audio.wav import write_wav
     from edge.config import load_config
     from edge.models.registry import ModelRegistry
 
