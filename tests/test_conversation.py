@@ -415,3 +415,29 @@ def test_handset_greets_listens_without_wake_and_forgets_on_hook() -> None:
     assert not [e for e in events if e.type.value == "turn.end" and e.data["outcome"] == "no_speech"]
     assert conv.sessions.history() == []
     assert [e.data["reason"] for e in events if e.type.value == "session.end"] == ["off_hook", "on_hook"]
+
+
+def test_later_clauses_wait_while_the_llm_generates_and_the_speaker_has_audio() -> None:
+    # The throttle needs the speaker to say how much it holds: the real speakers must.
+    from edge.conversation import Reply
+
+    conv, _, _, speaker = make()
+    try:
+        gen = speaker.begin(hold=True)
+        assert speaker.buffered_s == 0.0
+        # 1.2 s held, not playing: more than the 1 s lead, within the 1.5 s queue.
+        speaker.write(np.zeros(int(speaker.rate * 1.2), np.int16), gen)
+        assert speaker.buffered_s == pytest.approx(1.2, abs=0.05)
+        reply = Reply("q", tts_started=True)
+        reply.marks["first_token"] = time.monotonic()
+        waiter = threading.Thread(target=conv._let_the_llm_run, args=(reply,))
+        waiter.start()
+        time.sleep(0.3)
+        assert waiter.is_alive()  # the LLM is still generating: synthesis waits
+        reply.marks["reply_done"] = time.monotonic()
+        waiter.join(2)
+        assert not waiter.is_alive()
+        speaker.flush()
+        assert speaker.buffered_s == 0.0
+    finally:
+        conv.stop()

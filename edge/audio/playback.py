@@ -39,7 +39,7 @@ class Speaker(Protocol):
     @property
     def buffered_s(self) -> float:
         """Seconds of audio queued and not yet played."""
-        return len(self._q) * BLOCK_S
+        ...
 
     def drain(self, timeout: float | None = None) -> bool: ...
     def flush(self) -> None: ...
@@ -101,6 +101,11 @@ class QueuedSpeaker:
                 self._q.append((gen, x[i : i + self._block]))
                 self._cond.notify_all()
         return True
+
+    @property
+    def buffered_s(self) -> float:
+        """Seconds of audio queued and not yet played."""
+        return len(self._q) * BLOCK_S
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until everything written has been played (or flushed)."""
