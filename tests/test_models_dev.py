@@ -30,7 +30,7 @@ def test_pypi_source_silero_vad(tmp_path: Path) -> None:
 
 def test_dev_profile_from_the_shared_mirror_and_pypi(tmp_path: Path) -> None:
     if not (SHARED_MIRROR / "SHA256SUMS").exists():
-        pytest.skip("the shared model mirror is not beside this checkout")
+        pytest.skip("no model mirror beside this checkout or in EDGE_VOICE_MODEL_MIRROR")
     cli = Cli(tmp_path / "root", tmp_path / "cache", MANIFEST)
     first = cli("fetch", "--profile", "dev", "--mirror", str(SHARED_MIRROR), timeout=900)
     assert first.returncode == 0, first.stdout + first.stderr

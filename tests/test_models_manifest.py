@@ -9,7 +9,7 @@ import pytest
 
 from edge.errors import ModelError
 from edge.models.manifest import KINDS, load_manifest, parse_manifest
-from models_fixtures import REPO, Cli, error_line, file_entry, write_manifest
+from models_fixtures import REPO, SHARED_MIRROR, Cli, error_line, file_entry, write_manifest
 
 SHIPPED = REPO / "models" / "manifest.toml"
 
@@ -35,9 +35,9 @@ def test_shipped_dev_checksums_are_the_published_ones() -> None:
     assert vad.sources[0].package == "silero-vad==6.2.3"
     assert vad.sources[0].member("silero_vad.onnx") == "silero_vad/data/silero_vad.onnx"
     # Every file of the team mirror is in the manifest with the mirror's own SHA256SUMS entry.
-    sums = (REPO.parent / "shared" / "models" / "SHA256SUMS")
+    sums = SHARED_MIRROR / "SHA256SUMS"
     if not sums.exists():
-        pytest.skip("the shared model mirror is not beside this checkout")
+        pytest.skip("no model mirror beside this checkout or in EDGE_VOICE_MODEL_MIRROR")
     listed = {}
     for spec in (m.model("whisper-tiny-en"), m.model("openwakeword")):
         listed.update({f"{spec.dir}/{f.name}": f.sha256 for f in spec.files})

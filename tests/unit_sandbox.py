@@ -164,8 +164,11 @@ def apply_mounts(settings: dict[str, list[str]], binds: list[tuple[str, str]], r
     if _libc.unshare(CLONE_NEWNS | (CLONE_NEWIPC if yes(settings, "PrivateIPC") else 0)) != 0:
         raise OSError(ctypes.get_errno(), "unshare")
     mount(None, "/", None, MS_REC | MS_PRIVATE)
-    python_prefix = os.path.realpath(sys.base_prefix)
-    prefix_fd = os.open(python_prefix, os.O_PATH | os.O_DIRECTORY)
+    # What the command runs from (the Python installation, this checkout and its venv) is bound
+    # back where PrivateTmp or ProtectHome hides it: a service is installed outside both, a
+    # test checkout may live in /tmp or /root.
+    keep = {p: os.open(p, os.O_PATH | os.O_DIRECTORY)
+            for p in {os.path.realpath(sys.base_prefix), os.path.realpath(Path(__file__).parents[1])}}
 
     if last(settings, "ProtectSystem") == "strict":
         failed = []
@@ -206,17 +209,25 @@ def apply_mounts(settings: dict[str, list[str]], binds: list[tuple[str, str]], r
     if yes(settings, "PrivateTmp"):
         for tmp in ("/tmp", "/var/tmp"):
             mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+            _bind_back(tmp, keep, report)
     if yes(settings, "ProtectHome") or last(settings, "ProtectHome") == "tmpfs":
         for home in ("/home", "/root", "/run/user"):
             if not os.path.isdir(home):
                 continue
             mount("tmpfs", home, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
-            if _under(python_prefix, (home,)):
-                os.makedirs(python_prefix, exist_ok=True)
-                bind(f"/proc/self/fd/{prefix_fd}", python_prefix, read_only=True)
-                report["bound_back"] = python_prefix
+            _bind_back(home, keep, report)
             make_read_only(home)
-    os.close(prefix_fd)
+    for fd in keep.values():
+        os.close(fd)
+
+
+def _bind_back(hidden: str, keep: dict[str, int], report: dict) -> None:
+    """Bind the kept directories under ``hidden`` (a fresh tmpfs) back, read-only."""
+    for path, fd in keep.items():
+        if _under(path, (hidden,)):
+            os.makedirs(path, exist_ok=True)
+            bind(f"/proc/self/fd/{fd}", path, read_only=True)
+            report["bound_back"] = sorted({*report.get("bound_back", []), path})
 
 
 # --- credentials ---------------------------------------------------------------------------
