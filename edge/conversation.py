@@ -171,7 +171,7 @@ class Turn:
 
 _END = object()  # end of a reply's clauses
 FIRST_AUDIO_YIELD_S = 2.0  # longest the LLM waits for the first clause's audio
-TTS_LEAD_S = 1.0  # while the LLM generates, synthesize the next clause once less than this is queued
+TTS_LEAD_S = 0.5  # while the LLM generates, synthesize the next clause once less than this is queued
 
 
 class Conversation:

@@ -23,6 +23,7 @@ class CpuShare:
         self._lock = threading.Lock()
         self._busy = 0
         self._idle_since = 0.0
+        self._expected_until = 0.0
 
     def enter(self) -> None:
         with self._lock:
@@ -43,9 +44,23 @@ class CpuShare:
         finally:
             self.leave()
 
+    def expect(self, seconds: float) -> None:
+        """Another stage will likely start computing within ``seconds`` (0: no longer).
+
+        The recognizer says so while the voice is quiet: a decode, then a reply, is likely
+        next, so a prefill slice starting now keeps to a core and to one token. Renewed by
+        each quiet chunk, it lapses alone.
+        """
+        with self._lock:
+            self._expected_until = time.monotonic() + seconds if seconds > 0 else 0.0
+
     @property
     def others_busy(self) -> bool:
         return self._busy > 0
+
+    @property
+    def expected(self) -> bool:
+        return time.monotonic() < self._expected_until
 
     def idle_s(self) -> float:
         """Seconds since the last other stage stopped computing (0 while one computes)."""

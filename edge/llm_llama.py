@@ -26,8 +26,9 @@ _LOGGER = logging.getLogger(__name__)
 # prompt throughput against one 128-token batch; smaller slices would lose batch efficiency.
 EVAL_SLICE = 32
 # A prefill call evaluates at most this many tokens, so a stream() that follows it waits little,
-# in slices this short: it stops within one slice when the reply is wanted (its ``cancel``), and
-# a slice starts only once no other stage has computed for PREFILL_AFTER_OTHERS_S.
+# in slices this short (one token while another stage computes or is about to): it stops within
+# one slice when the reply is wanted (its ``cancel``), and a slice starts only once no other stage
+# has computed for PREFILL_AFTER_OTHERS_S.
 PREFILL_MAX_TOKENS = 64
 PREFILL_SLICE = 4
 PREFILL_AFTER_OTHERS_S = 0.02
@@ -239,21 +240,29 @@ class LlamaChatModel:
         return n
 
     def _eval(self, tokens: Sequence[int], stopped: Callable[[], str | None] | None = None,
-              turn: int | None = None, slice_len: int = EVAL_SLICE) -> str | None:
-        """Evaluate in slices; returns why it stopped early, or None when all were evaluated."""
-        for i in range(0, len(tokens), slice_len):
+              turn: int | None = None, slice_len: int = EVAL_SLICE, prefill: bool = False) -> str | None:
+        """Evaluate in slices; returns why it stopped early, or None when all were evaluated.
+
+        A prefill's slice is one token on one thread fewer while another stage computes or is
+        expected to (its evaluation would be slow, and a reply may be waiting behind it)."""
+        i = 0
+        while i < len(tokens):
             why = stopped() if stopped else None
             if why is None and turn is not None and turn != self._turn:
                 why = "superseded"
             if why:
                 return why
+            share = cpu_share.SHARE
+            lean = share.others_busy or (prefill and share.expected)
+            n = 1 if prefill and lean else slice_len
             with self._lock:
                 self._check_open()
-                self._decode(tokens[i:i + slice_len])
+                self._decode(tokens[i:i + n], lean)
+            i += n
         return None
 
-    def _decode(self, tokens: Sequence[int]) -> None:
-        threads = self._threads[1] if cpu_share.SHARE.others_busy else self._threads[0]
+    def _decode(self, tokens: Sequence[int], lean: bool = False) -> None:
+        threads = self._threads[1] if lean else self._threads[0]
         if threads != self._threads_now:
             self._lib.llama_set_n_threads(self._llm.ctx, *threads)
             self._threads_now = threads
@@ -338,7 +347,8 @@ class LlamaChatModel:
             return
         tokens = self._tokenize_prompt(text)[:-1]
         n = self._reuse(tokens, keep_last=False)
-        self._eval(tokens[n:n + PREFILL_MAX_TOKENS], lambda: _after_others(cancel), slice_len=PREFILL_SLICE)
+        self._eval(tokens[n:n + PREFILL_MAX_TOKENS], lambda: _after_others(cancel), slice_len=PREFILL_SLICE,
+                   prefill=True)
 
     def stream(self, history: list[Message], user_text: str, *, cancel: threading.Event,
                max_tokens: int | None = None, deadline: float | None = None) -> Iterator[str]:

@@ -3,8 +3,11 @@
 The VAD sees every chunk (one silero window per 32 ms, a fraction of a percent of a core).
 While it reports speech, the growing segment is re-decoded every ``partial_interval_s`` of
 audio for partials — never more often than twice the last decode's wall time, so a slow
-device drops partials instead of falling behind. When the VAD has heard ``endpoint_silence_s``
-of silence it closes the segment and the whole segment is decoded once more for the final.
+device drops partials instead of falling behind — and once as soon as the voice goes quiet.
+A second VAD reports a pause after ``pause_s`` of silence (the cue for a speculative reply),
+reusing the decode made when the voice went quiet. When the VAD has heard
+``endpoint_silence_s`` of silence it closes the segment; the final reuses the pause's text if
+nothing was said since, else the whole segment is decoded once more.
 
 The segment handed to the model starts ``LEAD_S`` before the VAD's speech start: Whisper drops
 a first word that begins with no leading silence.
@@ -13,6 +16,7 @@ a first word that begins with no leading silence.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +52,18 @@ WHISPER_MAX_S = 29.0  # Whisper sees at most 30 s of audio
 # ~600 MB. clean_transcript() also collapses a repeated phrase, should one still get through.
 WHISPER_TAIL_FRAMES = 1500
 PARTIAL_LOAD = 2.0  # wait at least this many times the last decode's wall time between partials
+# The voice has gone quiet when every chunk for QUIET_S is QUIET_DB below the utterance's loudest.
+# That is 0.02-0.07 s after the last sound, where the pause VAD closes 0.16-0.29 s after it (28
+# spoken questions, two voices). So the segment is decoded once as soon as the voice goes quiet,
+# and the pause reuses that decode if the voice stayed quiet: its reply starts without a decode of
+# its own (on those 28 questions Whisper gave the same words as a decode at the pause). While
+# quiet, no partial starts (it would hold the audio thread, and with it the pause, for a whole
+# decode) and the LLM's prefill keeps to one thread (``SHARE.expect``). In speech a quiet stretch
+# (a stop, a breath) only costs a partial decode at a word boundary.
+QUIET_DB = 25.0
+QUIET_S = 0.06
+QUIET_REUSE_S = 0.2  # ...but not if the VAD's speech end is this far past that decode (a soft last word)
+EXPECT_S = 0.1  # how long one quiet chunk keeps the LLM expecting a decode (the next renews it)
 SAME_END_S = 0.15  # a final whose speech ends this close to the pause's reuses the pause's text
 # Speech ending no later than this after the pre-roll is the wake word's tail (the VAD's segment
 # end trails the sound by up to a couple of windows).
@@ -167,6 +183,8 @@ class VadOfflineRecognizer(FeedingRecognizer):
         self._pause_at: int | None = None  # speech end of a pause waiting for its silent tail
         self._listen_from = 0  # fed position where the pre-roll ends
         self._heard: tuple[int, str] = (0, "")  # (fed position, text) of the latest partial decode
+        self._loudest = -math.inf  # dBFS of the utterance's loudest chunk
+        self._quiet_since: int | None = None  # fed position where the voice went quiet
 
     # -- Recognizer ---------------------------------------------------------------------------
 
@@ -247,6 +265,7 @@ class VadOfflineRecognizer(FeedingRecognizer):
                 return out
             self._last_partial_pos = fed
             out.append(SttUpdate(SPEECH_START, "", self._timeline.seconds(self._speech_at)))
+        self._track_loudness(chunk, fed)
         if not self._vad.empty():
             seg = self._vad.front
             speech_end = int(seg.start) + len(seg.samples)
@@ -256,19 +275,48 @@ class VadOfflineRecognizer(FeedingRecognizer):
             return out + self._final(fed, fed)
         pause = self._check_pause(fed)
         if pause is not None:
+            SHARE.expect(0)  # the reply comes now, on every core
             return out + [pause]
         if self._pause is not None:
             return out  # silent since the pause: nothing new to decode
-        if fed - self._last_partial_pos >= self._partial_gap:
-            text, took = self._decode(self._speech_at, fed)
-            self._last_partial_pos = fed
-            self._heard = (fed, text)
-            self._partial_gap = max(int(self._cfg.partial_interval_s * SAMPLE_RATE),
-                                    int(PARTIAL_LOAD * took * SAMPLE_RATE))
-            if text and text != self._last_partial:
-                self._last_partial = text
-                out.append(SttUpdate(PARTIAL, text, self._timeline.end_s, None, took))
+        quiet_s = self._quiet_for_s(fed) if self._pause_vad is not None else 0.0
+        if quiet_s > 0.0:
+            SHARE.expect(EXPECT_S)  # a decode, then the reply, may be next
+        if quiet_s >= QUIET_S:
+            if not self._heard_in_quiet():
+                out.extend(self._partial(fed))
+        elif quiet_s == 0.0 and fed - self._last_partial_pos >= self._partial_gap:
+            out.extend(self._partial(fed))  # (a partial due as the voice drops waits to see if it is over)
         return out
+
+    def _partial(self, fed: int) -> list[SttUpdate]:
+        assert self._speech_at is not None
+        text, took = self._decode(self._speech_at, fed)
+        self._last_partial_pos = fed
+        self._heard = (fed, text)
+        self._partial_gap = max(int(self._cfg.partial_interval_s * SAMPLE_RATE),
+                                int(PARTIAL_LOAD * took * SAMPLE_RATE))
+        if text and text != self._last_partial:
+            self._last_partial = text
+            return [SttUpdate(PARTIAL, text, self._timeline.end_s, None, took)]
+        return []
+
+    def _quiet_for_s(self, fed: int) -> float:
+        return 0.0 if self._quiet_since is None else (fed - self._quiet_since) / SAMPLE_RATE
+
+    def _heard_in_quiet(self) -> bool:
+        """The latest decode was made after the voice had been quiet QUIET_S, and it still is."""
+        return self._quiet_since is not None and self._heard[0] >= self._quiet_since + int(QUIET_S * SAMPLE_RATE)
+
+    def _track_loudness(self, chunk: AudioChunk, fed: int) -> None:
+        if fed <= self._listen_from:
+            return  # the pre-roll holds the wake word, often louder than the question
+        db = chunk.rms_dbfs()
+        self._loudest = max(self._loudest, db)
+        if db >= self._loudest - QUIET_DB:
+            self._quiet_since = None
+        elif self._quiet_since is None:
+            self._quiet_since = fed - len(chunk)
 
     def _check_pause(self, fed: int) -> SttUpdate | None:
         """A pause: the quick VAD closed a segment. Resume: it hears speech again.
@@ -291,9 +339,12 @@ class VadOfflineRecognizer(FeedingRecognizer):
             self._pause_at = None  # speech went on before the pause was reported
         if self._pause_at is not None and fed >= self._pause_at + tail:
             end, self._pause_at = self._pause_at, None
-            if self._heard[1] and self._heard[0] >= end + tail:
-                # The last partial already heard all of the speech and the silence after it.
-                text, took = self._heard[1], 0.0
+            heard_pos, heard = self._heard
+            if heard and (heard_pos >= end + tail or (
+                    self._heard_in_quiet() and end <= heard_pos + int(QUIET_REUSE_S * SAMPLE_RATE))):
+                # The last decode already heard all of the speech: made after it, or once the voice
+                # had gone quiet for good.
+                text, took = heard, 0.0
             else:
                 text, took = self._decode(self._speech_at, max(fed, end + tail))
             if not text:
@@ -330,4 +381,6 @@ class VadOfflineRecognizer(FeedingRecognizer):
         """The segment that just closed was no question: wait for speech to start again."""
         self._speech_at = None
         self._last_partial = ""
+        self._loudest, self._quiet_since = -math.inf, None
+        self._heard = (0, "")
         return []

@@ -403,6 +403,39 @@ def test_the_llm_leaves_a_core_while_another_stage_computes(tiny, tiny_phi3: Pat
         fixed.close()
 
 
+def test_a_prefill_keeps_to_one_thread_and_one_token_while_a_decode_is_expected(tiny) -> None:
+    from edge.cpu_share import SHARE
+
+    tiny.warm("Be brief.")
+    seen: list[tuple[int, tuple[int, int]]] = []
+    inner = tiny._llm.eval
+
+    def eval_(tokens):
+        seen.append((len(tokens), tiny._threads_now))
+        return inner(tokens)
+
+    tiny._llm.eval = eval_
+    SHARE.expect(30.0)
+    try:
+        assert SHARE.expected and not SHARE.others_busy and SHARE.idle_s() > 0.0  # slices may start
+        tiny.prefill([], "What is the capital of France?", cancel=threading.Event())
+        assert len(seen) > 3 and set(seen) == {(1, (1, 1))}
+        seen.clear()
+        _reply(tiny, [], "What is the capital of Spain?")  # a reply is not a prefill: every core
+        assert seen and {t for _, t in seen} == {(2, 2)}
+    finally:
+        SHARE.expect(0)
+    assert not SHARE.expected
+    tiny.forget()
+    tiny.warm("Be brief.")
+    seen.clear()
+    tiny.prefill([], "What is the capital of France?", cancel=threading.Event())
+    assert seen and {n for n, _ in seen} - {1} and {t for _, t in seen} == {(2, 2)}
+    SHARE.expect(0.05)
+    time.sleep(0.1)
+    assert not SHARE.expected  # an expectation lapses by itself
+
+
 def test_a_prefill_waits_for_the_other_stages_and_stops_when_cancelled(tiny) -> None:
     from edge.cpu_share import SHARE
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from edge.audio.chunk import SAMPLE_RATE, AudioChunk, resample
+from edge import stt_vad
 from edge.config import SttConfig
 from edge.errors import AudioError, ConfigError, ModelError, StageError
 from edge.stt import (FINAL, PARTIAL, PAUSE, RESUME, SPEECH_START, Recognizer, SttUpdate, Timeline,
@@ -504,7 +505,9 @@ def test_whisper_restart_and_finish(whisper: Recognizer, say) -> None:
 
 def test_whisper_partials_follow_interval(whisper_files: dict[str, Path], vad_files: dict[str, Path],
                                           say) -> None:
-    rec = make_recognizer(SttConfig(engine="vad-offline", partial_interval_s=0.3), whisper_files, vad_files)
+    # Without the pause VAD: with it, the voice going quiet brings a decode at once (tested below).
+    cfg = SttConfig(engine="vad-offline", partial_interval_s=0.3, pause_s=0.0)
+    rec = make_recognizer(cfg, whisper_files, vad_files)
     updates = run(rec, np.concatenate([silence(0.5), say("can you recommend a good restaurant nearby"),
                                        silence(1.5)]))
     partials = [u for u in updates if u.kind == PARTIAL]
@@ -531,7 +534,31 @@ def test_whisper_pause_comes_before_the_final_and_the_final_reuses_it(whisper: R
     assert pause.audio_time - pause.speech_end <= 0.45 and final.audio_time - pause.audio_time >= 0.3
     assert abs(pause.speech_end - offset) <= 0.25
     assert final.text == pause.text and final.decode_s == 0.0, "the final reuses the pause's decode"
+    assert pause.decode_s == 0.0, "the pause reuses the decode made when the voice went quiet"
     assert wer("turn on the kitchen lights please", final.text)[0] <= 1
+
+
+def test_one_decode_between_the_last_sound_and_the_pause(whisper_files: dict[str, Path],
+                                                        vad_files: dict[str, Path], say,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Partials as often as they can come: without the quiet rule one would start at every chunk.
+    monkeypatch.setattr(stt_vad, "PARTIAL_LOAD", 0.0)
+    rec = make_recognizer(SttConfig(engine="vad-offline", partial_interval_s=0.05), whisper_files, vad_files)
+    ends: list[int] = []
+    decode = rec._decode
+    monkeypatch.setattr(rec, "_decode", lambda start, end: (ends.append(end), decode(start, end))[1])
+    speech = say("where is the nearest train station")
+    try:
+        updates = run(rec, np.concatenate([silence(0.6), speech, silence(1.5)]), preroll_s=0.0)
+    finally:
+        rec.close()
+    last_sound = int(0.6 * SAMPLE_RATE) + int(np.flatnonzero(np.abs(speech) > 300)[-1])
+    pause = next(u for u in updates if u.kind == PAUSE)
+    after = [e for e in ends if e > last_sound]
+    assert len(after) == 1, f"decodes {[round((e - last_sound) / SAMPLE_RATE, 2) for e in after]} s after the last sound"
+    assert after[0] - last_sound <= 0.15 * SAMPLE_RATE  # as soon as the voice went quiet
+    assert pause.decode_s == 0.0 and updates[-1].text == pause.text
+    assert wer("where is the nearest train station", pause.text)[0] <= 1
 
 
 def test_whisper_speech_after_a_pause_resumes(whisper: Recognizer, say) -> None:
