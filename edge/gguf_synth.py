@@ -282,6 +282,17 @@ def _random_q4_k(rng: Any, n_rows: int, n_cols: int) -> "np.ndarray":
     return blocks.reshape(n_rows, n_cols // _QK_K * _Q4_K_BLOCK_BYTES)
 
 
+MINI_N_VOCAB = 32064
+
+
+def _mini_vocab() -> tuple[list[str], list[float], list[int]]:
+    """Phi-3-mini's vocabulary layout: pieces up to id 31999, Phi-3's added tokens from 32000,
+    unused ids up to 32063."""
+    specials = dict(PHI3_SPECIAL_TOKENS)
+    specials[MINI_N_VOCAB - 32000 - 1] = f"<|unused{MINI_N_VOCAB - 1}|>"
+    return _spm_vocab(_mini_pieces(), MINI_N_VOCAB, specials)
+
+
 def write_phi3_mini_shaped(path: Path, *, seed: int = 0,
                            chat_template: str | None = PHI3_GGUF_CHAT_TEMPLATE) -> Path:
     """Random Q4_K weights with Phi-3-mini-4k-instruct's exact shapes (about 2.2 GB).
@@ -292,11 +303,8 @@ def write_phi3_mini_shaped(path: Path, *, seed: int = 0,
     gguf = _require_gguf()
     import numpy as np
 
-    n_embd, n_head, n_ff, n_layer, n_vocab = 3072, 32, 8192, 32, 32064
-    # Pieces up to id 31999, Phi-3's added tokens from 32000, unused ids up to 32063.
-    specials = dict(PHI3_SPECIAL_TOKENS)
-    specials[n_vocab - 32000 - 1] = f"<|unused{n_vocab - 1}|>"
-    tokens, scores, types = _spm_vocab(_mini_pieces(), n_vocab, specials)
+    n_embd, n_head, n_ff, n_layer, n_vocab = 3072, 32, 8192, 32, MINI_N_VOCAB
+    tokens, scores, types = _mini_vocab()
     rng = np.random.default_rng(seed)
     q4k = gguf.GGMLQuantizationType.Q4_K
     f32 = np.float32

@@ -240,11 +240,12 @@ class LlamaChatModel:
         return n
 
     def _eval(self, tokens: Sequence[int], stopped: Callable[[], str | None] | None = None,
-              turn: int | None = None, slice_len: int = EVAL_SLICE, prefill: bool = False) -> str | None:
+              turn: int | None = None, prefill: bool = False) -> str | None:
         """Evaluate in slices; returns why it stopped early, or None when all were evaluated.
 
-        A prefill's slice is one token on one thread fewer while another stage computes or is
-        expected to (its evaluation would be slow, and a reply may be waiting behind it)."""
+        A prefill's slices are PREFILL_SLICE tokens, or one token on one thread fewer while another
+        stage computes or is expected to (its evaluation would be slow, and a reply may be waiting
+        behind it)."""
         i = 0
         while i < len(tokens):
             why = stopped() if stopped else None
@@ -254,7 +255,7 @@ class LlamaChatModel:
                 return why
             share = cpu_share.SHARE
             lean = share.others_busy or (prefill and share.expected)
-            n = 1 if prefill and lean else slice_len
+            n = (1 if lean else PREFILL_SLICE) if prefill else EVAL_SLICE
             with self._lock:
                 self._check_open()
                 self._decode(tokens[i:i + n], lean)
@@ -347,8 +348,7 @@ class LlamaChatModel:
             return
         tokens = self._tokenize_prompt(text)[:-1]
         n = self._reuse(tokens, keep_last=False)
-        self._eval(tokens[n:n + PREFILL_MAX_TOKENS], lambda: _after_others(cancel), slice_len=PREFILL_SLICE,
-                   prefill=True)
+        self._eval(tokens[n:n + PREFILL_MAX_TOKENS], lambda: _after_others(cancel), prefill=True)
 
     def stream(self, history: list[Message], user_text: str, *, cancel: threading.Event,
                max_tokens: int | None = None, deadline: float | None = None) -> Iterator[str]:

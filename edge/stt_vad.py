@@ -279,7 +279,7 @@ class VadOfflineRecognizer(FeedingRecognizer):
             return out + [pause]
         if self._pause is not None:
             return out  # silent since the pause: nothing new to decode
-        quiet_s = self._quiet_for_s(fed) if self._pause_vad is not None else 0.0
+        quiet_s = self._quiet_for_s(fed)
         if quiet_s > 0.0:
             SHARE.expect(EXPECT_S)  # a decode, then the reply, may be next
         if quiet_s >= QUIET_S:
@@ -309,8 +309,9 @@ class VadOfflineRecognizer(FeedingRecognizer):
         return self._quiet_since is not None and self._heard[0] >= self._quiet_since + int(QUIET_S * SAMPLE_RATE)
 
     def _track_loudness(self, chunk: AudioChunk, fed: int) -> None:
-        if fed <= self._listen_from:
-            return  # the pre-roll holds the wake word, often louder than the question
+        """Where the voice went quiet; only a pause can use it, so only with the pause VAD."""
+        if self._pause_vad is None or fed <= self._listen_from:
+            return  # (the pre-roll holds the wake word, often louder than the question)
         db = chunk.rms_dbfs()
         self._loudest = max(self._loudest, db)
         if db >= self._loudest - QUIET_DB:
@@ -346,7 +347,7 @@ class VadOfflineRecognizer(FeedingRecognizer):
                 # had gone quiet for good.
                 text, took = heard, 0.0
             else:
-                text, took = self._decode(self._speech_at, max(fed, end + tail))
+                text, took = self._decode(self._speech_at, fed)
             if not text:
                 return None
             self._pause = (end, text)

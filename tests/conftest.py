@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-MIRROR = REPO.parent / "shared" / "models"
 DEV_CONFIG = REPO / "config" / "dev.toml"
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # shared test helpers (speech, mosquitto, ...)
 

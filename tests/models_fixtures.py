@@ -18,7 +18,7 @@ from typing import Any, Iterable
 from urllib.parse import unquote, urlsplit
 
 REPO = Path(__file__).resolve().parents[1]
-# The team's model mirror: EDGE_VOICE_MODEL_MIRROR when it names a folder (as for scripts/setup),
+# The team's model mirror: EDGE_VOICE_MODEL_MIRROR when set (as for scripts/setup),
 # else the one beside the checkout.
 SHARED_MIRROR = Path(os.environ.get("EDGE_VOICE_MODEL_MIRROR") or REPO.parent / "shared" / "models")
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from procs import stop_process
 
 RATE = 16000  # both null sinks; PulseAudio converts whatever the clients use
 SOCKETS = ("ctl", "mic", "speaker")
@@ -38,17 +39,6 @@ def require_pulseaudio() -> None:
     missing = [t for t in ("pulseaudio", "pactl", "paplay", "parec") if shutil.which(t) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (apt-get install pulseaudio pulseaudio-utils)")
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 5) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class Recording:

@@ -419,22 +419,32 @@ def test_handset_greets_listens_without_wake_and_forgets_on_hook() -> None:
 
 def test_later_clauses_wait_while_the_llm_generates_and_the_speaker_has_audio() -> None:
     # The throttle needs the speaker to say how much it holds: the real speakers must.
-    from edge.conversation import Reply
+    from edge.conversation import TTS_LEAD_S, Reply
 
     conv, _, _, speaker = make()
     try:
-        gen = speaker.begin(hold=True)
-        assert speaker.buffered_s == 0.0
-        # 1.2 s held, not playing: more than the 1 s lead, within the 1.5 s queue.
-        speaker.write(np.zeros(int(speaker.rate * 1.2), np.int16), gen)
-        assert speaker.buffered_s == pytest.approx(1.2, abs=0.05)
+        held = TTS_LEAD_S + 0.5  # more than the lead, within the 1.5 s queue
+        assert held < 1.5
         reply = Reply("q", tts_started=True)
         reply.marks["first_token"] = time.monotonic()
-        waiter = threading.Thread(target=conv._let_the_llm_run, args=(reply,))
-        waiter.start()
-        time.sleep(0.3)
-        assert waiter.is_alive()  # the LLM is still generating: synthesis waits
-        reply.marks["reply_done"] = time.monotonic()
+
+        def wait_for_synthesis() -> threading.Thread:
+            gen = speaker.begin(hold=True)
+            speaker.write(np.zeros(int(speaker.rate * held), np.int16), gen)
+            assert speaker.buffered_s == pytest.approx(held, abs=0.05)
+            waiter = threading.Thread(target=conv._let_the_llm_run, args=(reply,))
+            waiter.start()
+            time.sleep(0.3)
+            assert waiter.is_alive()  # the LLM is still generating and the speaker has audio: wait
+            return waiter
+
+        assert speaker.buffered_s == 0.0
+        waiter = wait_for_synthesis()
+        speaker.flush()  # the speaker runs low: the next clause goes, though the LLM generates on
+        waiter.join(2)
+        assert not waiter.is_alive() and speaker.buffered_s == 0.0
+        waiter = wait_for_synthesis()
+        reply.marks["reply_done"] = time.monotonic()  # the LLM is done: nothing to wait for
         waiter.join(2)
         assert not waiter.is_alive()
         speaker.flush()

@@ -35,7 +35,8 @@ from edge.kiosk import EchoGate, GpioLine, Kiosk, check_gpio_config, chime
 from mosquitto import Mosquitto, Probe
 from notify_socket import NotifyCollector
 from pulse import RATE as PULSE_RATE
-from pulse import PulseServer, stop_process
+from procs import stop_process
+from pulse import PulseServer
 from voice import Ears, conversation, wer, words
 
 REPO = Path(__file__).resolve().parents[1]

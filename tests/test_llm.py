@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any, Iterator, NamedTuple
 
 import pytest
 
@@ -352,97 +353,107 @@ def test_forcing_phi3_on_a_model_without_its_tokens_is_flagged(smollm2_path: Pat
 
 
 # -- sharing the CPU with the other stages -------------------------------------------------------
-def _eval_threads(model) -> list[tuple[int, tuple[int, int]]]:
-    """Record, for every evaluation, the native thread it ran on and the thread counts set."""
-    seen: list[tuple[int, tuple[int, int]]] = []
+class Eval(NamedTuple):
+    thread: int  # native id of the thread that ran it
+    tokens: int
+    threads: tuple[int, int]  # what llama.cpp was set to: (threads, batch threads)
+
+
+def _evals(model, monkeypatch: pytest.MonkeyPatch) -> list[Eval]:
+    """Record every evaluation: its thread, its size and llama.cpp's thread counts."""
+    import llama_cpp
+
+    seen: list[Eval] = []
     inner = model._llm.eval
 
     def eval_(tokens):
-        seen.append((threading.get_native_id(), model._threads_now))
+        ctx = model._llm.ctx
+        seen.append(Eval(threading.get_native_id(), len(tokens),
+                         (llama_cpp.llama_n_threads(ctx), llama_cpp.llama_n_threads_batch(ctx))))
         return inner(tokens)
 
-    model._llm.eval = eval_
+    monkeypatch.setattr(model._llm, "eval", eval_)
     return seen
 
 
-def test_every_evaluation_runs_on_one_thread_whoever_calls(tiny) -> None:
-    # llama.cpp's OpenMP keeps a thread team per calling thread; a second caller makes libgomp's
-    # threads sleep at every barrier (a quarter of the generation speed lost on 2 cores).
-    seen = _eval_threads(tiny)
-    tiny.warm("Be brief.")
-    worker = threading.Thread(target=lambda: _reply(tiny, [], "What is the capital of France?"))
-    worker.start()
-    worker.join(30)
-    tiny.prefill([], "And of Spain")
-    assert len(seen) > 3
-    assert len({tid for tid, _ in seen}) == 1
-    assert seen[0][0] not in (threading.get_native_id(), worker.native_id)
-
-
-def test_the_llm_leaves_a_core_while_another_stage_computes(tiny, tiny_phi3: Path) -> None:
+@pytest.fixture()
+def share() -> Iterator[Any]:
+    """The process-wide CPU share, idle and expecting nothing, before and after the test."""
     from edge.cpu_share import SHARE
 
-    seen = _eval_threads(tiny)
+    assert not SHARE.others_busy
+    SHARE.expect(0)
+    yield SHARE
+    SHARE.expect(0)
+
+
+def test_every_evaluation_runs_on_one_thread_whoever_calls(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    # llama.cpp's OpenMP keeps a thread team per calling thread; a second caller makes libgomp's
+    # threads sleep at every barrier (a quarter of the generation speed lost on 2 cores).
+    seen = _evals(tiny, monkeypatch)
     tiny.warm("Be brief.")
-    assert seen[-1][1] == (2, 2)
-    with SHARE.busy():
-        assert SHARE.others_busy and SHARE.idle_s() == 0.0
+    done: list[Any] = []
+    worker = threading.Thread(target=lambda: done.append(_reply(tiny, [], "What is the capital of France?")))
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive() and done and done[0][0], "the reply on the worker thread failed"
+    tiny.prefill([], "And of Spain")
+    assert len(seen) > 3
+    assert len({e.thread for e in seen}) == 1
+    assert seen[0].thread not in (threading.get_native_id(), worker.native_id)
+
+
+def test_the_llm_leaves_a_core_while_another_stage_computes(tiny, tiny_phi3: Path, share,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _evals(tiny, monkeypatch)
+    tiny.warm("Be brief.")
+    assert seen[-1].threads == (2, 2)
+    with share.busy():
+        assert share.others_busy and share.idle_s() == 0.0
         tiny.forget()
         tiny.warm("Be brief.")
-    assert seen[-1][1] == (1, 1)
-    assert not SHARE.others_busy and SHARE.idle_s() > 0.0
+    assert seen[-1].threads == (1, 1)
+    assert not share.others_busy and share.idle_s() > 0.0
     _reply(tiny, [], "Hi")
-    assert seen[-1][1] == (2, 2)
+    assert seen[-1].threads == (2, 2)
     fixed = make_chat_model(_cfg(share_cores=False), tiny_phi3)
     try:
-        seen = _eval_threads(fixed)
-        with SHARE.busy():
+        seen = _evals(fixed, monkeypatch)
+        with share.busy():
             fixed.warm("Be brief.")
-        assert {threads for _, threads in seen} == {(2, 2)}
+        assert {e.threads for e in seen} == {(2, 2)}
     finally:
         fixed.close()
 
 
-def test_a_prefill_keeps_to_one_thread_and_one_token_while_a_decode_is_expected(tiny) -> None:
-    from edge.cpu_share import SHARE
-
+def test_a_prefill_keeps_to_one_thread_and_one_token_while_a_decode_is_expected(
+        tiny, share, monkeypatch: pytest.MonkeyPatch) -> None:
     tiny.warm("Be brief.")
-    seen: list[tuple[int, tuple[int, int]]] = []
-    inner = tiny._llm.eval
-
-    def eval_(tokens):
-        seen.append((len(tokens), tiny._threads_now))
-        return inner(tokens)
-
-    tiny._llm.eval = eval_
-    SHARE.expect(30.0)
-    try:
-        assert SHARE.expected and not SHARE.others_busy and SHARE.idle_s() > 0.0  # slices may start
-        tiny.prefill([], "What is the capital of France?", cancel=threading.Event())
-        assert len(seen) > 3 and set(seen) == {(1, (1, 1))}
-        seen.clear()
-        _reply(tiny, [], "What is the capital of Spain?")  # a reply is not a prefill: every core
-        assert seen and {t for _, t in seen} == {(2, 2)}
-    finally:
-        SHARE.expect(0)
-    assert not SHARE.expected
+    seen = _evals(tiny, monkeypatch)
+    share.expect(30.0)
+    assert share.expected and not share.others_busy and share.idle_s() > 0.0  # slices may start
+    tiny.prefill([], "What is the capital of France?", cancel=threading.Event())
+    assert len(seen) > 3 and {(e.tokens, e.threads) for e in seen} == {(1, (1, 1))}
+    seen.clear()
+    _reply(tiny, [], "What is the capital of Spain?")  # a reply is not a prefill: every core
+    assert seen and {e.threads for e in seen} == {(2, 2)}
+    share.expect(0)
+    assert not share.expected
     tiny.forget()
     tiny.warm("Be brief.")
     seen.clear()
     tiny.prefill([], "What is the capital of France?", cancel=threading.Event())
-    assert seen and {n for n, _ in seen} - {1} and {t for _, t in seen} == {(2, 2)}
-    SHARE.expect(0.05)
+    assert seen and {e.tokens for e in seen} - {1} and {e.threads for e in seen} == {(2, 2)}
+    share.expect(0.05)
     time.sleep(0.1)
-    assert not SHARE.expected  # an expectation lapses by itself
+    assert not share.expected  # an expectation lapses by itself
 
 
-def test_a_prefill_waits_for_the_other_stages_and_stops_when_cancelled(tiny) -> None:
-    from edge.cpu_share import SHARE
-
+def test_a_prefill_waits_for_the_other_stages_and_stops_when_cancelled(tiny, share) -> None:
     tiny.warm("Be brief.")
     n = tiny.cached_tokens
     cancel = threading.Event()
-    with SHARE.busy():
+    with share.busy():
         worker = threading.Thread(target=tiny.prefill, args=([], "What is the capital of France?"),
                                   kwargs={"cancel": cancel})
         worker.start()

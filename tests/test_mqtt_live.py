@@ -19,6 +19,7 @@ from pathlib import Path
 
 from edge.audio.wav import write_wav
 from mosquitto import Mosquitto, Probe
+from procs import stop_process
 from voice import conversation, wer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,13 +61,7 @@ def _models_root() -> Path:
 
 
 def stop_daemon(proc: subprocess.Popen, tmp: Path) -> str:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_process(proc, 30)
     return (tmp / "daemon.log").read_text(errors="replace")
 
 

@@ -24,13 +24,6 @@ from typing import Any
 import numpy as np
 
 
-def read_wav(path: Path) -> np.ndarray:
-    """A WAV as 16 kHz mono int16 samples."""
-    from edge.audio.wav import read_wav as read
-
-    return read(path)[0]
-
-
 def chunks(samples: np.ndarray) -> list[Any]:
     from edge.audio.chunk import CHUNK_SAMPLES, AudioChunk
 
@@ -128,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reply-wav", type=Path, help="where to write the synthesized reply")
     args = p.parse_args(argv)
 
-    from edge.audio.wav import write_wav
+    from edge.audio.wav import read_wav, write_wav
     from edge.config import load_config
     from edge.models.registry import ModelRegistry
 
@@ -137,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.transcribe:
         files = {role: dict(registry.resolve(cfg.model_ids()[role]).files) for role in ("stt", "vad")}
         pad = np.zeros(8000, dtype=np.int16)
-        print(transcribe(cfg, files, np.concatenate([pad, read_wav(args.transcribe), pad, pad])))
+        print(transcribe(cfg, files, np.concatenate([pad, read_wav(args.transcribe)[0], pad, pad])))
         return 0
     missing = [f"--{n.replace('_', '-')}" for n in ("speech", "wake", "gguf", "out", "reply_wav")
                if getattr(args, n) is None]
@@ -152,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     files = {role: dict(registry.resolve(mid).files) for role, mid in cfg.model_ids().items()}
 
-    results["transcript"] = timed(results, "stt", transcribe, cfg, files, read_wav(args.speech))
-    results["wake"] = timed(results, "wake", wake, cfg, files, read_wav(args.wake))
+    results["transcript"] = timed(results, "stt", transcribe, cfg, files, read_wav(args.speech)[0])
+    results["wake"] = timed(results, "wake", wake, cfg, files, read_wav(args.wake)[0])
     results["chat_reply"] = timed(results, "llm", chat, cfg, args.gguf, results["transcript"] or "Hello")
     audio, rate = timed(results, "tts", synthesize, cfg, files, results["chat_reply"])
     write_wav(args.reply_wav, audio, rate)
