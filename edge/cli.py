@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from edge import __version__
 from edge.errors import EdgeError
@@ -65,12 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", metavar="FILE", help="also show which devices this config selects")
     p.add_argument("--json", action="store_true", help="print the list as JSON")
 
-    try:
-        from edge.models.cli import add_models_parser
-    except ImportError:  # pragma: no cover - only while the package is incomplete
-        add_models_parser = None
-    if add_models_parser is not None:
-        add_models_parser(sub)
+    from edge.models.cli import add_models_parser
+
+    add_models_parser(sub)
     return parser
 
 
@@ -112,7 +109,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if cmd == "bench":
         import json
 
-        from edge.bench import format_report, plot_waterfall, run_bench
+        from edge.devtools.bench import format_report, plot_waterfall, run_bench
 
         if args.turns < 1:
             raise EdgeError("--turns must be at least 1", code="usage")
@@ -132,8 +129,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = _load(args)
         return run_check(cfg)
     if cmd == "run":
-        from edge.app import run_daemon
         from edge.config import load_config
+        from edge.daemon import run_daemon
         from edge.logs import setup_logging
 
         cfg = load_config(args.config)

@@ -12,9 +12,10 @@ import os
 import re
 import socket
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, get_origin, get_type_hints
+from typing import Any, cast, get_origin, get_type_hints
 
 from edge.errors import ConfigError
 
@@ -96,7 +97,8 @@ class WakeConfig:
     model: str = opt("openwakeword", "Model id (manifest) with the feature models, or with the keyword spotter.")
     words: list = opt([{"name": "hey_jarvis", "model": "hey_jarvis_v0.1.onnx", "threshold": 0.5,
                         "refractory_s": 2.0}], "Wake words for openwakeword: a list of tables (see WakeWord).")
-    keywords: list = opt([], "Keywords for the kws engine, as the model's tokens (e.g. '▁HE Y ▁J AR VI S @HEY_JARVIS').")
+    keywords: list = opt([], "Keywords for the kws engine, as the model's tokens "
+                         "(e.g. '▁HE Y ▁J AR VI S @HEY_JARVIS').")
     kws_threshold: float = opt(0.25, "Keyword spotter trigger threshold.", min=0.0, max=1.0)
     kws_score: float = opt(1.0, "Keyword spotter boosting score.", min=0.0, max=10.0)
     num_threads: int = opt(1, "Threads for the wake model.", min=1, max=8)
@@ -107,8 +109,8 @@ class WakeConfig:
 
 @dataclass(frozen=True)
 class SttConfig:
-    engine: str = opt("streaming", "streaming: sherpa-onnx OnlineRecognizer; vad-offline: silero VAD + OfflineRecognizer.",
-                      choices=("streaming", "vad-offline"))
+    engine: str = opt("streaming", "streaming: sherpa-onnx OnlineRecognizer; vad-offline: silero VAD + "
+                      "OfflineRecognizer.", choices=("streaming", "vad-offline"))
     model: str = opt("zipformer-en-2023-06-26", "Speech-to-text model id (manifest).")
     vad_model: str = opt("silero-vad", "VAD model id (vad-offline engine).")
     num_threads: int = opt(1, "Threads for speech-to-text.", min=1, max=8)
@@ -438,7 +440,8 @@ def example_toml() -> str:
                 extra.append(f"range {f.metadata.get('min')}..{f.metadata.get('max')}")
             for line in _wrap(doc + (f" ({'; '.join(extra)})" if extra else "")):
                 lines.append(f"# {line}")
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            factory = cast(Callable[[], Any], f.default_factory)
+            default = f.default if f.default is not dataclasses.MISSING else factory()
             lines.append(f"{f.name} = {_toml_value(default)}")
     return "\n".join(lines) + "\n"
 

@@ -1,25 +1,50 @@
 """What fleet commands (MQTT) can do to a running pipeline: the ``Controller`` the bridge calls.
 
-The host is the daemon or a simulation: anything with ``conv`` (the Conversation),
-``speaker``, ``cfg`` (replaceable), ``status(text, state)``, ``metrics()``,
-``reload_models()`` and ``started``. Calls arrive on the bridge's command thread.
+Calls arrive on the bridge's command thread. Each reaches the object that owns what it
+changes: the conversation (turns, mute, runtime settings, through its inbox), the speaker
+(volume), the LLM (sampling), the kiosk (the handset); the host reports status and reloads.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from edge import __version__
+from edge.config import Config
+from edge.conversation import Conversation
 from edge.errors import EdgeError
 
 
+class StatusSink(Protocol):
+    def status(self, text: str, state: str | None = None) -> None:
+        """Say how the device is (systemd ``STATUS=``, the MQTT state)."""
+        ...
+
+    def refresh_status(self) -> None:
+        """Say the most urgent thing again (a lost device outranks "listening")."""
+        ...
+
+
+class Host(Protocol):
+    """What the controller needs of the pipeline it commands (:class:`edge.app.Pipeline`)."""
+
+    cfg: Config
+    conv: Conversation | None
+    status_sink: StatusSink
+    started: float
+
+    def metrics(self) -> dict[str, Any]: ...
+    def reload_models(self) -> None: ...
+    def apply_setting(self, key: str, value: Any) -> None: ...
+    def handset(self, state: str) -> dict[str, Any]: ...
+
+
 class Controller:
-    def __init__(self, host: Any) -> None:
+    def __init__(self, host: Host) -> None:
         self.host = host
 
-    def _conv(self):
+    def _conv(self) -> Conversation:
         conv = self.host.conv
         if conv is None:
             raise EdgeError("the device is still starting", code="busy")
@@ -40,24 +65,17 @@ class Controller:
 
     def mute(self) -> dict:
         self._conv().mute()
-        self.host.status("muted", "muted")
+        self.host.status_sink.status("muted", "muted")
         return {"muted": True}
 
     def unmute(self) -> dict:
         self._conv().unmute()
-        refresh = getattr(self.host, "refresh_status", None)
-        if refresh is not None:
-            refresh()  # a lost device still outranks "listening"
-        else:
-            self.host.status("listening", "online")
+        self.host.status_sink.refresh_status()  # a lost device still outranks "listening"
         return {"muted": False}
 
     def handset(self, state: str) -> dict:
         """The handset went off-hook (greet, then listen turn after turn) or on-hook (forget)."""
-        handset = getattr(self.host, "handset", None)
-        if handset is None:
-            raise EdgeError("this device has no handset", code="handset.mode")
-        return handset(state)
+        return self.host.handset(state)
 
     def set_volume(self, volume: float) -> dict:
         return self.set_setting("audio.volume", volume)
@@ -68,19 +86,7 @@ class Controller:
 
         if key not in SETTINGS:
             raise EdgeError(f"setting {key!r} cannot be changed at run time", code="cmd.forbidden")
-        section, _, name = key.partition(".")
-        conv = self._conv()
-        cfg = conv.cfg
-        sub = getattr(cfg, section, None)
-        new_sub = dataclasses.replace(sub, **{name: value})
-        new_cfg = dataclasses.replace(cfg, **{section: new_sub})
-        conv.cfg = new_cfg
-        self.host.cfg = new_cfg
-        if section == "audio" and name == "volume" and self.host.speaker is not None:
-            self.host.speaker.volume = value
-        stage = {"llm": conv.chat, "tts": conv.synth, "stt": conv.recognizer}.get(section)
-        if stage is not None and hasattr(stage, "cfg"):
-            stage.cfg = new_sub
+        self.host.apply_setting(key, value)
         return {key: value}
 
     def reload_models(self) -> dict:

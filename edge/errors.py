@@ -48,7 +48,7 @@ class MissingDependency(EdgeError):
     code = "dependency.missing"
 
     @classmethod
-    def for_module(cls, module: str, extra: str) -> "MissingDependency":
+    def for_module(cls, module: str, extra: str) -> MissingDependency:
         return cls(
             f"the Python package {module!r} is not installed: "
             f"install it with `pip install 'edge-voice[{extra}]'`"

@@ -5,25 +5,23 @@
   also come from a command (:meth:`Kiosk.hook`).
 - Chimes are short generated tones played through the speaker: rising when listening starts
   after the wake word or push-to-talk, falling when the device goes back to waiting for it.
-- :class:`EchoGate` keeps the device's own sound out of speech-to-text when the microphone
-  has no echo canceller: while the conversation is idle or listening, microphone audio that
-  arrives while the device's sound (a chime, a reply's tail) can still be heard is replaced
-  by silence. While it thinks or speaks, audio passes: the conversation then listens only
-  for the wake word, which is what lets a visitor interrupt.
+- The echo gate (:class:`edge.audio.echo.EchoGate`) is told of each chime before it plays.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
+from collections.abc import Callable, Mapping
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from edge.audio.chunk import AudioChunk
+from edge.audio.base import Speaker
+from edge.audio.echo import EchoGate
 from edge.config import Config, ConversationConfig
+from edge.conversation import Conversation, Outcome, Trigger
 from edge.errors import ConfigError, EdgeError, MissingDependency
 from edge.events import Event, EventType
 
@@ -32,7 +30,7 @@ _LOGGER = logging.getLogger(__name__)
 CHIME_NOTE_S = 0.07
 CHIME_LEVEL = 0.25  # of full scale, before audio.volume
 # Turns that end with the device waiting for the wake word again, as far as a visitor can tell.
-_QUIET_ENDINGS = ("no_speech",)
+_QUIET_ENDINGS = (Outcome.NO_SPEECH.value,)
 
 
 def chime(kind: str, rate: int) -> np.ndarray:
@@ -43,30 +41,6 @@ def chime(kind: str, rate: int) -> np.ndarray:
     fade = np.minimum(1.0, np.minimum(np.arange(n), np.arange(n)[::-1]) / (0.01 * rate))
     tone = np.concatenate([np.sin(2 * np.pi * f * t) * fade for f in notes])
     return (tone * CHIME_LEVEL * 32767).astype(np.int16)
-
-
-class EchoGate:
-    """Silences microphone chunks the device's own sound may be in; see the module docstring."""
-
-    def __init__(self, echo_cancel: bool, guard_ms: int) -> None:
-        self.enabled = not echo_cancel
-        self.guard_s = guard_ms / 1000
-        self.hold_until = 0.0  # set when a sound is queued, before the speaker reports playing it
-        self.silenced = 0  # chunks replaced by silence
-
-    def hold(self, seconds: float) -> None:
-        """The device is about to make a sound lasting ``seconds`` (output latency included)."""
-        self.hold_until = max(self.hold_until, time.monotonic() + seconds)
-
-    def admit(self, chunk: AudioChunk, state: str, audible_until: float) -> AudioChunk:
-        """``chunk``, or silence in its place; ``state`` is the conversation's state value."""
-        if not self.enabled or state in ("thinking", "speaking"):
-            return chunk
-        until = max(audible_until, self.hold_until) + self.guard_s
-        if (chunk.wall or time.monotonic()) >= until:
-            return chunk
-        self.silenced += 1
-        return AudioChunk(np.zeros_like(chunk.samples), chunk.start, chunk.rate, chunk.wall)
 
 
 # -- GPIO ------------------------------------------------------------------------------------
@@ -177,11 +151,11 @@ class Kiosk:
     """Buttons, the handset hook and chimes for one conversation.
 
     ``conv`` is the :class:`~edge.conversation.Conversation`, ``speaker`` the one it speaks
-    through, ``gate`` the daemon's :class:`EchoGate`. Subscribe :meth:`on_event` to the bus.
+    through, ``gate`` the daemon's echo gate. Subscribe :meth:`on_event` to the bus.
     ``cfg`` has passed :func:`check_gpio_config` (the daemon checks it before loading models).
     """
 
-    def __init__(self, cfg: Config, conv: Any, speaker: Any, gate: EchoGate) -> None:
+    def __init__(self, cfg: Config, conv: Conversation, speaker: Speaker, gate: EchoGate) -> None:
         self.cfg = cfg
         self.conv = conv
         self.speaker = speaker
@@ -193,16 +167,15 @@ class Kiosk:
     def start(self) -> None:
         """Open the configured GPIO lines; a handset already off the hook starts its session."""
         c = self.cfg.conversation
-        common = {"bias": c.gpio_bias, "debounce_ms": c.gpio_debounce_ms}
         if c.button_chip:
-            button = GpioLine(c.button_chip, c.button_line, active_low=c.button_active_low,
-                              on_change=self._button, **common)
+            button = GpioLine(c.button_chip, c.button_line, active_low=c.button_active_low, bias=c.gpio_bias,
+                              debounce_ms=c.gpio_debounce_ms, on_change=self._button)
             button.open()
             self._lines.append(button)
             _LOGGER.info("push-to-talk button on %s line %s", button.chip, button.line)
         if c.hook_chip:
-            hook = GpioLine(c.hook_chip, c.hook_line, active_low=c.hook_active_low,
-                            on_change=self.hook, **common)
+            hook = GpioLine(c.hook_chip, c.hook_line, active_low=c.hook_active_low, bias=c.gpio_bias,
+                            debounce_ms=c.gpio_debounce_ms, on_change=self._hook_line)
             lifted = hook.open()
             self._lines.append(hook)
             _LOGGER.info("handset hook on %s line %s: %s", hook.chip, hook.line,
@@ -219,6 +192,9 @@ class Kiosk:
     def _button(self, pressed: bool) -> None:
         if pressed:
             self.conv.push_to_talk()
+
+    def _hook_line(self, lifted: bool) -> None:
+        self.hook(lifted)
 
     def hook(self, off_hook: bool) -> dict[str, Any]:
         """The handset was lifted (greeting, then listening turn after turn) or put down
@@ -242,23 +218,23 @@ class Kiosk:
     def on_event(self, event: Event) -> None:
         conv_cfg = self.conv.cfg.conversation
         if event.type == EventType.TURN_START:
-            if conv_cfg.chime_wake and event.data.get("trigger") in ("wake", "push-to-talk"):
+            if conv_cfg.chime_wake and event.data.get("trigger") in (Trigger.WAKE, Trigger.PUSH_TO_TALK):
                 self.play_chime("wake")
         elif event.type == EventType.TURN_END:
             if conv_cfg.chime_end and self.ends_listening(event.data, conv_cfg.follow_up_s):
                 self.play_chime("end")
 
-    def ends_listening(self, data: dict[str, Any], follow_up_s: float) -> bool:
+    def ends_listening(self, data: Mapping[str, Any], follow_up_s: float) -> bool:
         """Does this turn end leave the device waiting for the wake word (or button)?"""
-        if self.off_hook or getattr(self.conv, "continuous", False):
+        if self.off_hook or self.conv.continuous:
             return False  # a lifted handset keeps listening
         outcome = data.get("outcome")
         if outcome in _QUIET_ENDINGS:
             return True
-        return outcome == "done" and data.get("trigger") != "say" and follow_up_s <= 0
+        return outcome == Outcome.DONE and data.get("trigger") != Trigger.SAY and follow_up_s <= 0
 
     def play_chime(self, kind: str) -> None:
         tone = chime(kind, self.speaker.rate)
-        self.gate.hold(len(tone) / self.speaker.rate + getattr(self.speaker, "latency", 0.0))
+        self.gate.hold(len(tone) / self.speaker.rate + self.speaker.latency)
         self.speaker.begin()
         self.speaker.write(tone)

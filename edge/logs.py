@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from enum import Enum
-from typing import IO, Any, Mapping
+from typing import IO, Any
 
 from edge.errors import ConfigError
 

@@ -7,9 +7,10 @@ This scans just deep enough into the protobuf ``ModelProto``: no ``onnx`` or onn
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from edge.errors import ModelError
 

@@ -12,21 +12,23 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import TextIO
 
 import numpy as np
 
+from edge.app import Pipeline, Stages
 from edge.audio.chunk import CHUNK_SAMPLES, SAMPLE_RATE, AudioChunk
 from edge.audio.playback import WavSpeaker
 from edge.audio.wav import read_wav
 from edge.config import Config
 from edge.conversation import Conversation
+from edge.errors import EdgeError
 from edge.events import Event, EventBus
 
 _LOGGER = logging.getLogger(__name__)
@@ -69,35 +71,25 @@ class SimResult:
 
 
 def feed_wav(conv: Conversation, clock: FeedClock, samples: np.ndarray, *, realtime: bool,
-             max_tail_s: float = 120.0, on_chunk: Callable[[AudioChunk], None] | None = None) -> None:
-    """Feed ``samples`` as the microphone, then silence until the conversation is idle."""
-    q: queue.Queue[AudioChunk | None] = queue.Queue(maxsize=200)
-    failure: list[BaseException] = []
+             max_tail_s: float = 120.0, hear: Callable[[AudioChunk, bool], None] | None = None) -> None:
+    """Feed ``samples`` as the microphone, then silence until the conversation is idle.
 
-    def consume() -> None:
-        while True:
-            chunk = q.get()
-            try:
-                if chunk is None:
-                    return
-                conv.feed(chunk)
-                if on_chunk is not None:
-                    on_chunk(chunk)
-            except BaseException as err:  # surfaced to the feeding thread
-                failure.append(err)
-                return
-            finally:
-                q.task_done()
+    ``hear(chunk, wait)`` hands a chunk on (default: straight to ``conv``); with ``wait`` it
+    returns once the chunk has been handled, so the file never runs ahead of the pipeline.
+    """
+    if hear is None:
+        def hear(chunk: AudioChunk, wait: bool) -> None:
+            conv.process(chunk) if wait else conv.feed(chunk)
 
-    worker = threading.Thread(target=consume, name="audio", daemon=True)
-    worker.start()
     pos = 0
     n_real = len(samples)
     tail_limit = n_real + int(max_tail_s * SAMPLE_RATE)
     due = time.monotonic()
     paced_last = False
     silence = np.zeros(CHUNK_SAMPLES, dtype=np.int16)
-    while not failure:
+    while True:
+        if not conv.alive:
+            raise EdgeError(f"the conversation stopped: {conv.failed or 'it was stopped'}", code="internal")
         if pos >= n_real and (conv.idle() or pos >= tail_limit):
             break
         block = samples[pos : pos + CHUNK_SAMPLES] if pos < n_real else silence
@@ -114,87 +106,37 @@ def feed_wav(conv: Conversation, clock: FeedClock, samples: np.ndarray, *, realt
         paced_last = paced
         chunk = AudioChunk(block, pos, SAMPLE_RATE, time.monotonic())
         clock.advance(CHUNK_SAMPLES)
-        q.put(chunk)
-        if not paced:
-            q.join()  # lock-step: never run ahead of the pipeline
+        hear(chunk, not paced)  # lock-step while nobody waits: never run ahead of the pipeline
         pos += CHUNK_SAMPLES
-    q.put(None)
-    worker.join()
-    if failure:
-        raise failure[0]
 
 
 def simulate(cfg: Config, input_wav: str | Path, output_wav: str | Path | None, *, realtime: bool = False,
-             out: TextIO | None = None, stages: Any = None, bus: EventBus | None = None) -> SimResult:
+             out: TextIO | None = None, stages: Stages | None = None, bus: EventBus | None = None) -> SimResult:
     """Run the pipeline over a WAV. Raises EdgeError for bad input or missing models."""
-    from edge.stages import load_stages
-
     samples, info = read_wav(input_wav)
     _LOGGER.info("input %s: %.1f s, %d Hz, %d channel(s), %s %d-bit", input_wav, info.duration_s,
                  info.rate, info.channels, info.fmt, info.bits)
-    own_stages = stages is None
-    if stages is None:
-        stages = load_stages(cfg)
     result = SimResult()
-    bus = bus or EventBus()
-    bus.subscribe(result.events.append)
-    if out is not None:
-        bus.subscribe(JsonLinePrinter(out))
     clock = FeedClock()
-    rate = stages.synth.sample_rate if stages.synth is not None else SAMPLE_RATE
-    speaker = WavSpeaker(rate, str(output_wav) if output_wav else None, clock, realtime=True,
-                         volume=cfg.audio.volume)
-    conv = Conversation(cfg, bus=bus, clock=clock, speaker=speaker, wake=stages.wake,
-                        recognizer=stages.recognizer, chat=stages.chat, synth=stages.synth)
-    if stages.wake is not None:
-        stages.wake.reset()
-    if stages.chat is not None:
-        stages.chat.warm(cfg.llm.system_prompt)
-    host = _SimHost(cfg, conv, speaker)
-    bridge = None
-    if cfg.mqtt.enabled:
-        from edge import __version__
-        from edge.control import Controller
-        from edge.mqtt.client import MqttBridge
-
-        bridge = MqttBridge(cfg.mqtt, cfg.device_id, cfg.state_dir, Controller(host), version=__version__,
-                            models=cfg.model_ids())
-        bridge.set_metrics_source(host.metrics)
-        bridge.start()
-        bus.subscribe(bridge.publish_event)
-    conv.start()
+    pipe = Pipeline(cfg, clock=clock, bus=bus, stages=stages)
+    pipe.bus.subscribe(result.events.append)
+    if out is not None:
+        pipe.bus.subscribe(JsonLinePrinter(out))
+    speaker = None
     try:
-        feed_wav(conv, clock, samples, realtime=realtime)
+        pipe.load()
+        speaker = WavSpeaker(pipe.output_rate, str(output_wav) if output_wav else None, clock, realtime=True,
+                             volume=cfg.audio.volume)
+        conv = pipe.open(speaker)
+        pipe.connect()
+        pipe.start()
+        feed_wav(conv, clock, samples, realtime=realtime, hear=lambda chunk, wait: pipe.hear(chunk, wait=wait))
     finally:
-        conv.stop()
-        speaker.close()
-        if bridge is not None:
-            bridge.stop(timeout=10.0)  # deliver what the run produced before going offline
-        if own_stages:
-            stages.close()
-    result.reply_audio = speaker.audio()
-    result.reply_rate = rate
-    result.played = list(speaker.played)
+        pipe.close(bridge_timeout=10.0)  # deliver what the run produced before going offline
+    result.reply_audio = speaker.audio() if speaker is not None else None
+    result.reply_rate = pipe.output_rate
+    result.played = list(speaker.played) if speaker is not None else []
     return result
-
-
-class _SimHost:
-    """What the MQTT controller may touch in a simulation (no model reloads)."""
-
-    def __init__(self, cfg: Config, conv: Conversation, speaker: Any) -> None:
-        self.cfg, self.conv, self.speaker = cfg, conv, speaker
-        self.started = time.monotonic()
-
-    def status(self, text: str, state: str | None = None) -> None:
-        _LOGGER.info("status: %s", text)
-
-    def metrics(self) -> dict[str, Any]:
-        return {"conversation": self.conv.state.value, "turns": self.conv.turns_done}
-
-    def reload_models(self) -> None:
-        from edge.errors import EdgeError
-
-        raise EdgeError("reload-models is not available in simulate", code="cmd.unsupported")
 
 
 def summary_lines(events: list[Event]) -> list[str]:

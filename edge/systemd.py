@@ -21,8 +21,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable, Mapping
 from enum import Enum
-from typing import Callable, Mapping
 
 from edge.logs import MessageId, log_fields
 
@@ -66,7 +66,7 @@ def send_datagram(value: str, payload: bytes) -> None:
 
 def _systemd_python_sender() -> Callable[[str], bool] | None:
     try:
-        from systemd import daemon
+        from systemd import daemon  # type: ignore[attr-defined]
     except ImportError:
         return None
     return lambda message: bool(daemon.notify(message))

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edge.bench import STAGES
+from edge.devtools.bench import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.clauses import ClauseSplitter, count_words, strip_markdown
+from edge.tts.clauses import ClauseSplitter
+from edge.tts.text import count_words, strip_markdown
 
 
 def tokens(text: str) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,50 +20,47 @@ from edge.config import Config, ConversationConfig
 from edge.conversation import Conversation, State
 from edge.errors import StageError
 from edge.events import EventBus
+from edge.llm.base import ReplyStats
 from edge.simulate import FeedClock, feed_wav
+from edge.stt.base import SttUpdate, UpdateKind
+from edge.wake.base import WakeHit
 
 SILENCE, WAKE, SPEECH = 0, 1, 2
 
 
-@dataclass(frozen=True)
-class Hit:
-    word: str
-    score: float
-    audio_time: float
-
-
-@dataclass(frozen=True)
-class Upd:
-    kind: str
-    text: str
-    audio_time: float
-    speech_end: float | None = None
+def Upd(kind: str, text: str, audio_time: float, speech_end: float | None = None) -> SttUpdate:  # noqa: N802
+    return SttUpdate(UpdateKind(kind), text, audio_time, speech_end)
 
 
 class FakeWake:
-    """Fires once at the end of a run of wake-tagged audio."""
+    """A WakeDetector that fires once at the end of a run of wake-tagged audio."""
 
     def __init__(self) -> None:
         self.in_word = False
         self.resets = 0
 
-    def process(self, chunk: AudioChunk) -> list[Hit]:
+    def process(self, chunk: AudioChunk) -> list[WakeHit]:
         tagged = bool(chunk.samples[0] == WAKE)
         fired = self.in_word and not tagged
         self.in_word = tagged
-        return [Hit("hey_test", 0.9, chunk.start_s)] if fired else []
+        return [WakeHit("hey_test", 0.9, chunk.start_s)] if fired else []
 
     def reset(self) -> None:
         self.in_word = False
         self.resets += 1
 
+    def close(self) -> None:
+        pass
+
 
 class FakeRecognizer:
-    """Counts speech chunks as words; endpoint after 10 silent chunks (200 ms).
+    """A Recognizer that counts speech chunks as words; endpoint after 10 silent chunks (200 ms).
 
     With ``pause_after`` it also reports a pause after that many silent chunks, and a
     resume when speech comes back before the endpoint.
     """
+
+    sample_rate = 16000
 
     def __init__(self, pause_after: int = 0) -> None:
         self.words = 0
@@ -77,7 +74,7 @@ class FakeRecognizer:
         self.words, self.silent, self.speech_end = 0, 0, None
         self.started += 1
 
-    def accept(self, chunk: AudioChunk) -> list[Upd]:
+    def accept(self, chunk: AudioChunk) -> list[SttUpdate]:
         out = []
         if chunk.samples[0] == SPEECH:
             if self.words == 0:
@@ -104,21 +101,32 @@ class FakeRecognizer:
     def text(self) -> str:
         return " ".join(["word"] * self.words)
 
-    def finish(self) -> Upd | None:
+    def finish(self) -> SttUpdate | None:
         if self.words:
             return Upd("final", self.text(), self.speech_end or 0.0, self.speech_end)
         return None
 
+    def transcribe(self, samples: np.ndarray) -> tuple[str, float]:
+        return " ".join(["word"] * int(np.sum(samples == SPEECH) // 320)), 0.0
+
+    def close(self) -> None:
+        pass
+
 
 class FakeChat:
+    """A ChatModel that says ``reply`` a word at a time, ``delay`` seconds a word."""
+
     def __init__(self, reply: str = "Sure, here is a short answer. And a second sentence.",
-                 delay: float = 0.005, fail: bool = False) -> None:
+                 delay: float = 0.005, fail: bool = False, later: str | None = None) -> None:
         self.reply = reply
+        self.later = later  # the reply to every call after the first
         self.delay = delay
         self.fail = fail
         self.prefills: list[str] = []
         self.calls: list[tuple[list, str]] = []
         self.stopped_by_cancel = threading.Event()
+        self.words_said = 0
+        self.last_stats = ReplyStats()
 
     def warm(self, system_prompt: str) -> None:
         pass
@@ -129,32 +137,52 @@ class FakeChat:
 
     def stream(self, history, user_text, *, cancel, max_tokens=None, deadline=None):
         self.calls.append((list(history), user_text))
+        self.last_stats = ReplyStats()
         if self.fail:
             raise StageError("model exploded", code="llm.failed")
-        for word in self.reply.split(" ") if self.reply else []:
+        reply = self.later if self.later is not None and len(self.calls) > 1 else self.reply
+        for word in reply.split(" ") if reply else []:
             if cancel.is_set():
                 self.stopped_by_cancel.set()
                 return
             time.sleep(self.delay)
+            self.words_said += 1
+            self.last_stats.generated_tokens += 1
             yield word + " "
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())
 
+    def forget(self) -> None:
+        pass
+
+    def set_sampling(self, *, temperature=None, top_p=None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
 
 class FakeSynth:
+    """A Synthesizer: ``seconds_per_word`` of audio per word, produced at once."""
+
     sample_rate = 16000
 
     def __init__(self, seconds_per_word: float = 0.05) -> None:
         self.spw = seconds_per_word
         self.texts: list[str] = []
+        self.cancelled = threading.Event()
 
-    def synthesize(self, text: str, cancel: threading.Event):
+    def synthesize(self, text: str, cancel):
         self.texts.append(text)
         for _ in text.split():
             if cancel.is_set():
+                self.cancelled.set()
                 return
             yield np.full(int(self.sample_rate * self.spw), 100, dtype=np.int16)
+
+    def close(self) -> None:
+        pass
 
 
 def audio(*parts: tuple[int, float]) -> np.ndarray:
@@ -162,9 +190,9 @@ def audio(*parts: tuple[int, float]) -> np.ndarray:
 
 
 def make(cfg: Config | None = None, chat: FakeChat | None = None, synth: FakeSynth | None = None,
-         recognizer: FakeRecognizer | None = None):
+         recognizer: FakeRecognizer | None = None, no_speech_timeout_s: float = 1.0):
     cfg = cfg or Config()
-    cfg = replace(cfg, stt=replace(cfg.stt, no_speech_timeout_s=1.0))
+    cfg = replace(cfg, stt=replace(cfg.stt, no_speech_timeout_s=no_speech_timeout_s))
     bus = EventBus()
     events: list = []
     bus.subscribe(events.append)
@@ -260,9 +288,20 @@ def test_llm_failure_reports_error_and_recovers() -> None:
     assert [e.data["outcome"] for e in events if e.type.value == "turn.end"] == ["error", "error"]
 
 
-def test_barge_in_stops_speech_and_starts_new_turn() -> None:
-    # A long reply, interrupted by the wake word while it is being spoken.
-    chat = FakeChat(reply=" ".join(["word"] * 80) + ".", delay=0.0)
+def _turn_events(events, turn_id: str) -> list[str]:
+    return [e.type.value for e in events if e.turn_id == turn_id and e.type.value != "state"]
+
+
+def _assert_second_turn_answered(events, first_id: str) -> None:
+    ends = [e for e in events if e.type.value == "turn.end"]
+    assert ends[0].turn_id == first_id and ends[0].data["outcome"] == "barge_in"
+    assert ends[-1].data["outcome"] == "done" and ends[-1].turn_id != first_id
+
+
+def test_barge_in_while_speaking_cancels_the_llm_and_the_voice() -> None:
+    # A long reply still being generated (40 ms a word) and spoken (100 ms a word) when the wake
+    # word comes again.
+    chat = FakeChat(reply=" ".join(["word"] * 150) + ".", delay=0.04, later="Sure, a short answer.")
     synth = FakeSynth(seconds_per_word=0.1)
     conv, clock, events, speaker = make(chat=chat, synth=synth)
     run(conv, clock, audio((WAKE, 0.3), (SILENCE, 0.1), (SPEECH, 0.5), (SILENCE, 2.5),
@@ -270,15 +309,65 @@ def test_barge_in_stops_speech_and_starts_new_turn() -> None:
     t = types(events)
     assert t.count("wake") == 2 and t.count("barge_in") == 1
     barge = next(e for e in events if e.type.value == "barge_in")
-    ends = [e for e in events if e.type.value == "turn.end"]
-    assert [e.data["outcome"] for e in ends][:1] == ["barge_in"]
+    first = barge.turn_id
+    assert "tts.start" in _turn_events(events, first)
     interrupted = [e for e in events if e.type.value == "tts.end" and e.data.get("interrupted")]
-    assert interrupted, "the first reply's speech was cut"
+    assert [e.turn_id for e in interrupted] == [first], "the first reply's speech was cut"
     # Output stopped within 150 ms of audio time after the wake word fired.
     assert interrupted[0].audio_time - barge.audio_time <= 0.15
-    assert chat.stopped_by_cancel.is_set() or len(synth.texts) < 80
-    # The second turn got its own reply.
-    assert ends[-1].data["outcome"] == "done" and ends[-1].turn_id != ends[0].turn_id
+    # The LLM saw the cancel between tokens, long before the end of its 151 words...
+    assert chat.stopped_by_cancel.is_set()
+    assert chat.calls[0][1] and len(chat.calls) == 2
+    # ...and synthesis of the first reply stopped: nothing near its 151 words was synthesized.
+    first_reply_words = sum(t.split().count("word") for t in synth.texts)
+    assert first_reply_words < 120
+    _assert_second_turn_answered(events, first)
+
+
+def test_barge_in_while_thinking_cancels_the_llm_before_any_sound() -> None:
+    # The LLM takes 0.5 s a word: the first clause (3 words) would sound 1.5 s after the question.
+    chat = FakeChat(reply="one two three four five six seven eight nine ten.", delay=0.5,
+                    later="Sure, a short answer.")
+    conv, clock, events, speaker = make(chat=chat)
+    run(conv, clock, audio((WAKE, 0.3), (SILENCE, 0.1), (SPEECH, 0.5), (SILENCE, 0.6),
+                           (WAKE, 0.3), (SILENCE, 0.1), (SPEECH, 0.5), (SILENCE, 0.5)), realtime=True)
+    barge = next(e for e in events if e.type.value == "barge_in")
+    first = barge.turn_id
+    states = [e.data["state"] for e in events if e.type.value == "state" and e.time <= barge.time]
+    assert states[-1] == "thinking"
+    assert "tts.start" not in _turn_events(events, first)  # not a sound of the first reply
+    assert chat.stopped_by_cancel.is_set()
+    _assert_second_turn_answered(events, first)
+
+
+def test_push_to_talk_barges_in_while_speaking() -> None:
+    chat = FakeChat(reply=" ".join(["word"] * 150) + ".", delay=0.04, later="Sure, a short answer.")
+    synth = FakeSynth(seconds_per_word=0.1)
+    # The button is pressed while the reply plays; the next question comes within 5 s of it.
+    conv, clock, events, speaker = make(chat=chat, synth=synth, no_speech_timeout_s=5.0)
+
+    def press_when_speaking() -> None:
+        deadline = time.monotonic() + 20
+        while conv.state != State.SPEAKING and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)
+        conv.push_to_talk()
+
+    presser = threading.Thread(target=press_when_speaking, daemon=True)
+    presser.start()
+    run(conv, clock, audio((WAKE, 0.3), (SILENCE, 0.1), (SPEECH, 0.5), (SILENCE, 3.5),
+                           (SPEECH, 0.5), (SILENCE, 0.5)))
+    presser.join(5)
+    barge = [e for e in events if e.type.value == "barge_in"]
+    assert len(barge) == 1 and barge[0].data["trigger"] == "push-to-talk"
+    first = barge[0].turn_id
+    interrupted = [e for e in events if e.type.value == "tts.end" and e.data.get("interrupted")]
+    assert [e.turn_id for e in interrupted] == [first]
+    assert interrupted[0].audio_time - barge[0].audio_time <= 0.15
+    assert chat.stopped_by_cancel.is_set()
+    starts = [e.data["trigger"] for e in events if e.type.value == "turn.start"]
+    assert starts == ["wake", "push-to-talk"]
+    _assert_second_turn_answered(events, first)
 
 
 def test_push_to_talk_starts_turn_without_wake() -> None:
@@ -295,14 +384,15 @@ def test_push_to_talk_starts_turn_without_wake() -> None:
 
 def test_follow_up_window_listens_without_wake() -> None:
     cfg = Config(conversation=ConversationConfig(follow_up_s=2.0))
-    conv, clock, events, _ = make(cfg)
+    chat = FakeChat()
+    conv, clock, events, _ = make(cfg, chat=chat)
     run(conv, clock, audio((WAKE, 0.3), (SILENCE, 0.1), (SPEECH, 0.5), (SILENCE, 1.5),
                            (SPEECH, 0.5), (SILENCE, 3.5)))
     starts = [e.data["trigger"] for e in events if e.type.value == "turn.start"]
     assert starts[:2] == ["wake", "follow-up"]
     assert types(events).count("reply.final") == 2
     # The memory carried over: the second question saw the first exchange.
-    assert len(conv.chat.calls[1][0]) == 2
+    assert len(chat.calls[1][0]) == 2
 
 
 def test_say_and_ask_text_turns() -> None:
@@ -418,21 +508,25 @@ def test_handset_greets_listens_without_wake_and_forgets_on_hook() -> None:
 
 
 def test_later_clauses_wait_while_the_llm_generates_and_the_speaker_has_audio() -> None:
-    # The throttle needs the speaker to say how much it holds: the real speakers must.
-    from edge.conversation import TTS_LEAD_S, Reply
+    # The speech worker holds the next clause while the LLM generates and the speaker has more
+    # than TTS_LEAD_S in hand: it waits on the speaker's level and the LLM's end, not on a timer.
+    from edge.conversation.speech import TTS_LEAD_S, SpeechOutput
+    from edge.conversation.turn import Reply
+    from edge.signals import CancelScope
 
-    conv, _, _, speaker = make()
+    clock = FeedClock()
+    speaker = WavSpeaker(16000, None, clock)
+    speech = SpeechOutput(lambda msg: None, speaker)
     try:
         held = TTS_LEAD_S + 0.5  # more than the lead, within the 1.5 s queue
         assert held < 1.5
-        reply = Reply("q", tts_started=True)
-        reply.marks["first_token"] = time.monotonic()
+        reply = Reply("q", (), CancelScope(), None, FakeSynth(), max_tokens=10)
 
-        def wait_for_synthesis() -> threading.Thread:
+        def wait_for_synthesis(reply: Reply = reply) -> threading.Thread:
             gen = speaker.begin(hold=True)
             speaker.write(np.zeros(int(speaker.rate * held), np.int16), gen)
             assert speaker.buffered_s == pytest.approx(held, abs=0.05)
-            waiter = threading.Thread(target=conv._let_the_llm_run, args=(reply,))
+            waiter = threading.Thread(target=speech._let_the_llm_run, args=(reply,))
             waiter.start()
             time.sleep(0.3)
             assert waiter.is_alive()  # the LLM is still generating and the speaker has audio: wait
@@ -444,10 +538,14 @@ def test_later_clauses_wait_while_the_llm_generates_and_the_speaker_has_audio() 
         waiter.join(2)
         assert not waiter.is_alive() and speaker.buffered_s == 0.0
         waiter = wait_for_synthesis()
-        reply.marks["reply_done"] = time.monotonic()  # the LLM is done: nothing to wait for
+        reply.generated.set()  # the LLM is done: nothing to wait for
         waiter.join(2)
         assert not waiter.is_alive()
         speaker.flush()
-        assert speaker.buffered_s == 0.0
+        other = Reply("q", (), CancelScope(), None, FakeSynth(), max_tokens=10)
+        waiter = wait_for_synthesis(other)
+        other.scope.cancel()  # and a cancelled reply stops waiting
+        waiter.join(2)
+        assert not waiter.is_alive()
     finally:
-        conv.stop()
+        speaker.close()

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge import gguf_synth
-from edge.gguf_synth import (PHI3_GGUF_CHAT_TEMPLATE, TINY_REPLY, SynthError, write_phi3_mini_shaped,
+from edge.devtools import gguf_synth
+from edge.devtools.gguf_synth import (PHI3_GGUF_CHAT_TEMPLATE, TINY_REPLY, SynthError, write_phi3_mini_shaped,
                              write_tiny_phi3)
 
 gguf = pytest.importorskip("gguf")
@@ -93,11 +93,11 @@ def test_missing_directory_is_one_clear_error(tmp_path: Path) -> None:
 
 def test_cli_writes_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "cli.gguf"
-    done = subprocess.run([sys.executable, "-m", "edge.gguf_synth", "tiny-phi3", str(out)], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "edge.devtools.gguf_synth", "tiny-phi3", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert out.is_file() and str(out) in done.stdout
-    bad = subprocess.run([sys.executable, "-m", "edge.gguf_synth", "tiny-phi3", str(tmp_path / "x" / "y.gguf")],
+    bad = subprocess.run([sys.executable, "-m", "edge.devtools.gguf_synth", "tiny-phi3", str(tmp_path / "x" / "y.gguf")],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1
     assert bad.stderr.count("\n") == 1 and "no such directory" in bad.stderr

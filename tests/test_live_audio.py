@@ -31,7 +31,8 @@ from edge.audio.wav import write_wav
 from edge.config import Config, ConversationConfig, load_config
 from edge.errors import AudioError, ConfigError, EdgeError, MissingDependency
 from edge.events import Event, EventBus, EventType
-from edge.kiosk import EchoGate, GpioLine, Kiosk, check_gpio_config, chime
+from edge.audio.echo import EchoGate
+from edge.kiosk import GpioLine, Kiosk, check_gpio_config, chime
 from mosquitto import Mosquitto, Probe
 from notify_socket import NotifyCollector
 from pulse import RATE as PULSE_RATE
@@ -582,7 +583,7 @@ class EventLog:
 
 @pytest.mark.slow
 def test_handset_off_hook_greets_and_listens_on_hook_forgets(tmp_path: Path, monkeypatch) -> None:
-    from edge.app import Daemon
+    from edge.daemon import Daemon
     from edge.audio.wav import read_wav
 
     models = _models_root()
@@ -597,25 +598,25 @@ def test_handset_off_hook_greets_and_listens_on_hook_forgets(tmp_path: Path, mon
     mic = FifoMic(tmp_path / "mic.pcm")
     daemon = Daemon(cfg)
     log = EventLog()
-    daemon.bus.subscribe(log)
+    daemon.pipeline.bus.subscribe(log)
     runner = threading.Thread(target=lambda: daemon.run(handle_signals=False), daemon=True)
     runner.start()
     try:
         deadline = time.monotonic() + 60
-        while daemon.mic_state != "open" or daemon.kiosk is None:
+        while daemon.mic_state != "open" or daemon.pipeline.kiosk is None:
             assert runner.is_alive() and time.monotonic() < deadline, "the daemon did not start"
             time.sleep(0.05)
         # On the hook the wake word does nothing: this is a telephone.
         mic.say(conversation(0.3, "Hey Jarvis.", 0.4, QUESTION, 0.8))
         assert mic.idle.wait(15) and not log.of(EventType.WAKE) and not log.of(EventType.TURN_START)
-        assert daemon.handset("on-hook") == {"handset": "on-hook", "changed": False}
+        assert daemon.pipeline.handset("on-hook") == {"handset": "on-hook", "changed": False}
 
-        assert daemon.handset("off-hook") == {"handset": "off-hook", "changed": True}
+        assert daemon.pipeline.handset("off-hook") == {"handset": "off-hook", "changed": True}
         greeting = log.wait(EventType.TURN_END, 30, trigger="say", outcome="done")
         assert greeting.data["reply"] == "Hello, how can I help?"
         log.wait(EventType.TURN_START, 10, trigger="handset")
         _wait_state(daemon, "listening")
-        assert daemon.handset("off-hook")["changed"] is False  # a bounce changes nothing
+        assert daemon.pipeline.handset("off-hook")["changed"] is False  # a bounce changes nothing
         mic.say(conversation(0.3, QUESTION, 1.0))  # no wake word
         answered = log.wait(EventType.TURN_END, 45, trigger="handset", outcome="done")
         assert wer(QUESTION, answered.data["text"]) <= 0.2 and answered.data["reply"]
@@ -623,7 +624,7 @@ def test_handset_off_hook_greets_and_listens_on_hook_forgets(tmp_path: Path, mon
         _wait_state(daemon, "listening")
         assert len(daemon.conv.sessions.history()) == 2
 
-        assert daemon.handset("on-hook")["changed"] is True
+        assert daemon.pipeline.handset("on-hook")["changed"] is True
         ended = log.wait(EventType.SESSION_END, 5, reason="on_hook")
         log.wait(EventType.TURN_END, 5, outcome="on_hook")
         _wait_state(daemon, "idle")

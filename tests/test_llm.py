@@ -1,6 +1,6 @@
 """The LLM stage: chat templates, streaming, stop tokens, cancellation and KV-cache reuse.
 
-The Phi-3 path runs on a tiny random-weight phi3 GGUF whose reply is known (edge.gguf_synth);
+The Phi-3 path runs on a tiny random-weight phi3 GGUF whose reply is known (edge.devtools.gguf_synth);
 real conversation runs on SmolLM2-135M-Instruct (ChatML).
 """
 
@@ -13,10 +13,11 @@ from typing import Any, Iterator, NamedTuple
 
 import pytest
 
+from edge.signals import CancelScope
 from edge.config import LlmConfig
 from edge.errors import ModelError, StageError
-from edge.gguf_synth import PHI3_GGUF_CHAT_TEMPLATE, TINY_REPLY, TINY_REPLY_PIECES, write_tiny_phi3
-from edge.llm_template import PHI3_TEMPLATE, PromptBuilder, choose_format, clean_content
+from edge.devtools.gguf_synth import PHI3_GGUF_CHAT_TEMPLATE, TINY_REPLY, TINY_REPLY_PIECES, write_tiny_phi3
+from edge.llm.template import PHI3_TEMPLATE, PromptBuilder, choose_format, clean_content
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -87,6 +88,7 @@ def test_control_token_text_in_what_was_said_is_neutralised() -> None:
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
+from edge.cpu import CpuPolicy  # noqa: E402
 from edge.llm import ReplyStats, make_chat_model  # noqa: E402  (needs llama_cpp for the backend)
 
 TINY_PIECES = ["Hello", " from", " a", " tiny", " Phi", "-", "3", ",", " caf", "é", "!"]
@@ -104,14 +106,20 @@ def _cfg(**kw) -> LlmConfig:
 
 
 @pytest.fixture
-def tiny(tiny_phi3: Path):
-    model = make_chat_model(_cfg(), tiny_phi3)
+def share() -> CpuPolicy:
+    """The CPU policy the tiny model asks, as the pipeline's other stages would report to it."""
+    return CpuPolicy()
+
+
+@pytest.fixture
+def tiny(tiny_phi3: Path, share: CpuPolicy):
+    model = make_chat_model(_cfg(), tiny_phi3, cpu=share)
     yield model
     model.close()
 
 
 def _reply(model, history, text, **kw) -> tuple[list[str], ReplyStats]:
-    pieces = list(model.stream(history, text, cancel=kw.pop("cancel", threading.Event()), **kw))
+    pieces = list(model.stream(history, text, cancel=kw.pop("cancel", CancelScope()), **kw))
     return pieces, model.last_stats
 
 
@@ -146,7 +154,7 @@ def test_tiny_prompt_is_phi3_and_the_system_prompt_is_evaluated_once(tiny) -> No
 
 
 def test_cancel_stops_within_one_token(tiny) -> None:
-    cancel = threading.Event()
+    cancel = CancelScope()
     got = []
     for piece in tiny.stream([], "Hi", cancel=cancel):
         got.append(piece)
@@ -165,7 +173,7 @@ def test_max_tokens_and_deadline(tiny) -> None:
 
 
 def test_a_new_stream_supersedes_an_unfinished_one(tiny) -> None:
-    old = tiny.stream([], "Hi", cancel=threading.Event())
+    old = tiny.stream([], "Hi", cancel=CancelScope())
     assert next(old) == "Hello"
     new, _ = _reply(tiny, [], "Hello?")
     assert new == TINY_PIECES
@@ -174,7 +182,7 @@ def test_a_new_stream_supersedes_an_unfinished_one(tiny) -> None:
 
 def test_warm_and_prefill_also_supersede_an_unfinished_stream(tiny) -> None:
     for interrupt in (lambda: tiny.prefill([], "Something else"), lambda: tiny.warm("Other.")):
-        old = tiny.stream([], "Hi", cancel=threading.Event())
+        old = tiny.stream([], "Hi", cancel=CancelScope())
         assert next(old) == "Hello"
         interrupt()
         assert list(old) == [] and tiny.last_stats.stop == "superseded"
@@ -191,7 +199,7 @@ def test_a_gguf_phi3_template_with_system_support_is_used_and_its_errors_are_sta
         assert (model.format.origin, model.format.family) == ("gguf", "phi3")
         assert _reply(model, [], "Hi")[0] == TINY_PIECES
         with pytest.raises(StageError, match="roles must alternate") as err:
-            model.stream([{"role": "user", "content": "one"}], "two", cancel=threading.Event())
+            model.stream([{"role": "user", "content": "one"}], "two", cancel=CancelScope())
         assert err.value.code == "llm.template"
     finally:
         model.close()
@@ -232,7 +240,7 @@ def test_long_history_is_trimmed_to_fit_and_a_huge_question_is_refused(tiny_phi3
         assert pieces == TINY_PIECES and stats.dropped_messages > 0
         assert stats.prompt_tokens + 32 <= 256
         with pytest.raises(StageError) as err:
-            model.stream([], "word " * 300, cancel=threading.Event())
+            model.stream([], "word " * 300, cancel=CancelScope())
         assert err.value.code == "llm.context_full"
     finally:
         model.close()
@@ -256,7 +264,7 @@ def test_sampling_with_temperature_still_follows_a_confident_model(tiny_phi3: Pa
 
 def test_closed_model_refuses_work(tiny_phi3: Path) -> None:
     model = make_chat_model(_cfg(), tiny_phi3)
-    gen = model.stream([], "Hi", cancel=threading.Event())
+    gen = model.stream([], "Hi", cancel=CancelScope())
     assert next(gen) == "Hello"
     model.close()
     model.close()  # idempotent
@@ -326,7 +334,7 @@ def test_smollm2_prefill_then_stream_equals_stream_alone(smol, smollm2_path: Pat
 
 
 def test_smollm2_cancel_stops_within_one_token(smol) -> None:
-    cancel = threading.Event()
+    cancel = CancelScope()
     got = []
     for piece in smol.stream([], "Tell me a long story about a dragon.", cancel=cancel):
         got.append(piece)
@@ -343,7 +351,7 @@ def test_smollm2_count_tokens(smol) -> None:
 
 def test_forcing_phi3_on_a_model_without_its_tokens_is_flagged(smollm2_path: Path,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING", logger="edge.llm_llama"):
+    with caplog.at_level("WARNING", logger="edge.llm.llama"):
         model = make_chat_model(_cfg(chat_template="phi3"), smollm2_path)
     try:
         assert model.format.template == PHI3_TEMPLATE
@@ -376,17 +384,6 @@ def _evals(model, monkeypatch: pytest.MonkeyPatch) -> list[Eval]:
     return seen
 
 
-@pytest.fixture()
-def share() -> Iterator[Any]:
-    """The process-wide CPU share, idle and expecting nothing, before and after the test."""
-    from edge.cpu_share import SHARE
-
-    assert not SHARE.others_busy
-    SHARE.expect(0)
-    yield SHARE
-    SHARE.expect(0)
-
-
 def test_every_evaluation_runs_on_one_thread_whoever_calls(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
     # llama.cpp's OpenMP keeps a thread team per calling thread; a second caller makes libgomp's
     # threads sleep at every barrier (a quarter of the generation speed lost on 2 cores).
@@ -408,7 +405,7 @@ def test_the_llm_leaves_a_core_while_another_stage_computes(tiny, tiny_phi3: Pat
     seen = _evals(tiny, monkeypatch)
     tiny.warm("Be brief.")
     assert seen[-1].threads == (2, 2)
-    with share.busy():
+    with share.computing():
         assert share.others_busy and share.idle_s() == 0.0
         tiny.forget()
         tiny.warm("Be brief.")
@@ -416,10 +413,12 @@ def test_the_llm_leaves_a_core_while_another_stage_computes(tiny, tiny_phi3: Pat
     assert not share.others_busy and share.idle_s() > 0.0
     _reply(tiny, [], "Hi")
     assert seen[-1].threads == (2, 2)
-    fixed = make_chat_model(_cfg(share_cores=False), tiny_phi3)
+    unshared = CpuPolicy(share=False)  # llm.share_cores = false
+    fixed = make_chat_model(_cfg(share_cores=False), tiny_phi3, cpu=unshared)
     try:
         seen = _evals(fixed, monkeypatch)
-        with share.busy():
+        with unshared.computing():
+            assert unshared.others_busy
             fixed.warm("Be brief.")
         assert {e.threads for e in seen} == {(2, 2)}
     finally:
@@ -430,21 +429,21 @@ def test_a_prefill_keeps_to_one_thread_and_one_token_while_a_decode_is_expected(
         tiny, share, monkeypatch: pytest.MonkeyPatch) -> None:
     tiny.warm("Be brief.")
     seen = _evals(tiny, monkeypatch)
-    share.expect(30.0)
+    share.decode_likely(30.0)
     assert share.expected and not share.others_busy and share.idle_s() > 0.0  # slices may start
-    tiny.prefill([], "What is the capital of France?", cancel=threading.Event())
+    tiny.prefill([], "What is the capital of France?", cancel=CancelScope())
     assert len(seen) > 3 and {(e.tokens, e.threads) for e in seen} == {(1, (1, 1))}
     seen.clear()
     _reply(tiny, [], "What is the capital of Spain?")  # a reply is not a prefill: every core
     assert seen and {e.threads for e in seen} == {(2, 2)}
-    share.expect(0)
+    share.decode_likely(0)
     assert not share.expected
     tiny.forget()
     tiny.warm("Be brief.")
     seen.clear()
-    tiny.prefill([], "What is the capital of France?", cancel=threading.Event())
+    tiny.prefill([], "What is the capital of France?", cancel=CancelScope())
     assert seen and {e.tokens for e in seen} - {1} and {e.threads for e in seen} == {(2, 2)}
-    share.expect(0.05)
+    share.decode_likely(0.05)
     time.sleep(0.1)
     assert not share.expected  # an expectation lapses by itself
 
@@ -452,8 +451,8 @@ def test_a_prefill_keeps_to_one_thread_and_one_token_while_a_decode_is_expected(
 def test_a_prefill_waits_for_the_other_stages_and_stops_when_cancelled(tiny, share) -> None:
     tiny.warm("Be brief.")
     n = tiny.cached_tokens
-    cancel = threading.Event()
-    with share.busy():
+    cancel = CancelScope()
+    with share.computing():
         worker = threading.Thread(target=tiny.prefill, args=([], "What is the capital of France?"),
                                   kwargs={"cancel": cancel})
         worker.start()
@@ -462,5 +461,5 @@ def test_a_prefill_waits_for_the_other_stages_and_stops_when_cancelled(tiny, sha
         cancel.set()
         worker.join(5)
     assert not worker.is_alive() and tiny.cached_tokens == n
-    tiny.prefill([], "What is the capital of France?", cancel=threading.Event())
+    tiny.prefill([], "What is the capital of France?", cancel=CancelScope())
     assert tiny.cached_tokens > n

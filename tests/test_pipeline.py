@@ -126,14 +126,16 @@ def test_streaming_engine_runs_in_the_pipeline(tmp_path: Path) -> None:
     from synth_streaming import build_nemo_ctc_streaming
 
     from edge.config import SttConfig
-    from edge.stages import load_stages
+    from edge.app import load_stages
+    from edge.cpu import CpuPolicy
     from edge.stt import make_recognizer
 
     files = build_nemo_ctc_streaming(tmp_path / "stt")
     cfg = load_config(DEV)
     cfg = dataclasses.replace(cfg, stt=SttConfig(engine="streaming", model="synthetic", endpoint_silence_s=0.6))
-    stages = load_stages(cfg, roles=("wake", "llm", "tts"))
-    stages.recognizer = make_recognizer(cfg.stt, files, None)
+    cpu = CpuPolicy()
+    stages = load_stages(cfg, cpu, roles=("wake", "llm", "tts"))
+    stages.recognizer = make_recognizer(cfg.stt, files, None, cpu=cpu)
     wav = tmp_path / "streaming.wav"
     write_wav(wav, conversation(0.5, "Hey Jarvis.", 0.4, QUESTION, 2.0), 16000)
     try:

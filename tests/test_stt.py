@@ -20,18 +20,20 @@ import numpy as np
 import pytest
 
 from edge.audio.chunk import SAMPLE_RATE, AudioChunk, resample
-from edge import stt_vad
+from edge.stt import vad as stt_vad
 from edge.config import SttConfig
 from edge.errors import AudioError, ConfigError, ModelError, StageError
-from edge.stt import (FINAL, PARTIAL, PAUSE, RESUME, SPEECH_START, Recognizer, SttUpdate, Timeline,
-                      clean_transcript, make_recognizer)
-from edge.stt_models import identify_stt_model, identify_vad_model, read_onnx_info, read_tokens
+from edge.stt import Recognizer, SttUpdate, UpdateKind, make_recognizer
+from edge.stt.common import Timeline, clean_transcript
+from edge.stt.files import identify_stt_model, identify_vad_model, read_onnx_info, read_tokens
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synth_streaming import build_nemo_ctc_streaming  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CHUNK = 320
+SPEECH_START, PARTIAL, PAUSE, RESUME, FINAL = (UpdateKind.SPEECH_START, UpdateKind.PARTIAL, UpdateKind.PAUSE,
+                                                UpdateKind.RESUME, UpdateKind.FINAL)
 
 
 # --- audio helpers ---------------------------------------------------------------------------

@@ -13,12 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge.signals import CancelScope
 from edge.audio.chunk import resample
 from edge.config import TtsConfig
 from edge.errors import ConfigError, ModelError, StageError
 from edge.models.piper import prepare_piper_voice
-from edge.phonemize import Phonemizer
-from edge.tts import SherpaSynthesizer, check_tokens, make_synthesizer, normalize_for_speech
+from edge.tts.phonemize import Phonemizer
+from edge.tts import make_synthesizer
+from edge.tts.sherpa import SherpaSynthesizer, check_tokens
+from edge.tts.text import normalize_for_speech
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +64,7 @@ def words(text: str) -> list[str]:
 
 
 def speak(synth, text: str, cancel: threading.Event | None = None) -> list[np.ndarray]:
-    return list(synth.synthesize(text, cancel or threading.Event()))
+    return list(synth.synthesize(text, cancel or CancelScope()))
 
 
 def test_hello(synth):
@@ -103,7 +106,7 @@ def test_streams_each_sentence_as_it_is_ready(synth):
             "noticeably more time to say every single word of it.")
     started = time.monotonic()
     arrivals = []
-    for pcm in synth.synthesize(text, threading.Event()):
+    for pcm in synth.synthesize(text, CancelScope()):
         arrivals.append((time.monotonic() - started, len(pcm)))
     stats = synth.last_stats
     assert stats.sentences == 2 and len(arrivals) == 2
@@ -115,7 +118,7 @@ def test_streams_each_sentence_as_it_is_ready(synth):
 
 def test_cancel_stops_generation_early(synth):
     text = " ".join(f"This is sentence number {n} of a long answer." for n in range(1, 9))
-    cancel = threading.Event()
+    cancel = CancelScope()
     got = []
     for pcm in synth.synthesize(text, cancel):
         got.append(pcm)
@@ -129,10 +132,10 @@ def test_cancel_stops_generation_early(synth):
 
 
 def test_cancel_before_start_and_leaving_early(synth):
-    cancel = threading.Event()
+    cancel = CancelScope()
     cancel.set()
     assert speak(synth, "Nothing to hear here.", cancel) == []
-    gen = synth.synthesize("First sentence here. Second sentence here. Third one here.", threading.Event())
+    gen = synth.synthesize("First sentence here. Second sentence here. Third one here.", CancelScope())
     assert next(gen).size > 0
     gen.close()  # a consumer that stops listening stops the worker too
     assert synth.wait_idle(10.0)

@@ -14,6 +14,7 @@ import threading
 
 import numpy as np
 
+from edge.signals import CancelScope
 from edge.audio.chunk import SAMPLE_RATE, resample
 
 
@@ -29,7 +30,7 @@ def _synth():
 @functools.lru_cache(maxsize=64)
 def _piper(text: str) -> bytes:
     s = _synth()
-    audio = np.concatenate(list(s.synthesize(text, threading.Event())))
+    audio = np.concatenate(list(s.synthesize(text, CancelScope())))
     return resample(audio, s.sample_rate, SAMPLE_RATE).tobytes()
 
 

@@ -15,25 +15,19 @@ import stat
 import threading
 import time
 import wave
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, BinaryIO
 
 import numpy as np
 
+from edge.audio.base import Microphone, Speaker
 from edge.audio.chunk import CHUNK_SAMPLES, SAMPLE_RATE, AudioChunk, Resampler, to_mono_int16
 from edge.audio.playback import QueuedSpeaker
 from edge.config import AudioConfig
 from edge.errors import AudioError
 
 _LOGGER = logging.getLogger(__name__)
-
-
-class Microphone(Protocol):
-    dropped: int
-
-    def open(self) -> None: ...
-    def read(self, timeout: float) -> AudioChunk | None: ...
-    def close(self) -> None: ...
 
 
 class FileMicrophone:
@@ -50,7 +44,8 @@ class FileMicrophone:
         self.realtime = realtime
         self.end_silence = end_silence
         self.dropped = 0
-        self._f = None
+        self._f: BinaryIO | None = None
+        self._wave: wave.Wave_read | None = None
         self._resampler: Resampler | None = None
         self._channels = 1
         self._width = 2
@@ -81,13 +76,13 @@ class FileMicrophone:
         self._due = time.monotonic()
 
     def _read_raw(self, frames: int) -> bytes:
-        if getattr(self, "_wave", None) is not None:
+        if self._wave is not None:
             return self._wave.readframes(frames)
         assert self._f is not None
         return self._f.read(frames * 2)
 
     def read(self, timeout: float) -> AudioChunk | None:
-        if self._f is None and getattr(self, "_wave", None) is None:
+        if self._f is None and self._wave is None:
             raise AudioError(f"{self.path}: input is not open", code="audio.input")
         while len(self._pending) < CHUNK_SAMPLES and not self.eof:
             raw = self._read_raw(CHUNK_SAMPLES)
@@ -118,9 +113,8 @@ class FileMicrophone:
         return chunk
 
     def close(self) -> None:
-        w = getattr(self, "_wave", None)
-        if w is not None:
-            w.close()
+        if self._wave is not None:
+            self._wave.close()
             self._wave = None
         if self._f is not None:
             self._f.close()
@@ -135,15 +129,14 @@ class FileSpeaker(QueuedSpeaker):
         self.path = Path(path)
         self._lock = threading.Lock()
         try:
-            self._w = wave.open(str(self.path), "wb")
+            self._file: BinaryIO | None = open(self.path, "wb")
         except OSError as err:
             raise AudioError(f"{self.path}: cannot write output audio: {err.strerror}", code="audio.output") from None
+        self._w: wave.Wave_write | None = wave.open(self._file, "wb")
         self._w.setnchannels(1)
         self._w.setsampwidth(2)
         self._w.setframerate(rate)
         self._due = 0.0
-        self.state = "open"
-        self.latency = 0.0
 
     @property
     def audible_until(self) -> float:
@@ -158,15 +151,18 @@ class FileSpeaker(QueuedSpeaker):
             time.sleep(self._due - now)
         self._due += len(block) / self.rate
         with self._lock:
-            if self._w is not None:
+            if self._w is not None and self._file is not None:
                 self._w.writeframes(block.astype("<i2").tobytes())
-                self._w._file.flush()  # keep the data on disk, not in a buffer
+                self._file.flush()  # keep the data on disk, not in a buffer
 
     def _on_close(self) -> None:
         with self._lock:
             if self._w is not None:
                 self._w.close()
                 self._w = None
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
 
 def open_microphone(cfg: AudioConfig) -> Microphone:
@@ -178,7 +174,7 @@ def open_microphone(cfg: AudioConfig) -> Microphone:
     return PyAudioMicrophone(spec, rate=cfg.input_rate, queue_chunks=cfg.queue_chunks)
 
 
-def open_speaker(cfg: AudioConfig, rate: int, on_state: Callable[[str, str], None] | None = None) -> Any:
+def open_speaker(cfg: AudioConfig, rate: int, on_state: Callable[[str, str], None] | None = None) -> Speaker:
     """The configured speaker. A PortAudio one that cannot be opened yet starts out ``lost``
     (``on_state`` hears of it) and keeps trying, so a kiosk booted before its speaker works."""
     spec = cfg.output_device

@@ -13,45 +13,31 @@ import collections
 import logging
 import threading
 import time
-from typing import Callable, Protocol
+from collections.abc import Callable
 
 import numpy as np
 
+from edge.audio.base import Clock
 from edge.audio.wav import write_wav
+from edge.signals import Flag
 
 _LOGGER = logging.getLogger(__name__)
 
 BLOCK_S = 0.02
 
 
-class Clock(Protocol):
-    def now(self) -> float:
-        """Seconds on the microphone's audio timeline."""
-
-
-class Speaker(Protocol):
-    rate: int
-    volume: float
-
-    def begin(self, on_start: Callable[[float], None] | None = None, *, hold: bool = False) -> int: ...
-    def release(self, gen: int) -> None: ...
-    def write(self, samples: np.ndarray) -> bool: ...
-    @property
-    def buffered_s(self) -> float:
-        """Seconds of audio queued and not yet played."""
-        ...
-
-    def drain(self, timeout: float | None = None) -> bool: ...
-    def flush(self) -> None: ...
-    def close(self) -> None: ...
-
-
 class QueuedSpeaker:
-    """Playback thread fed by a bounded queue of 20 ms blocks."""
+    """A :class:`~edge.audio.base.Speaker`: a playback thread fed by a bounded queue of 20 ms blocks."""
+
 
     def __init__(self, rate: int, *, volume: float = 1.0, queue_ms: int = 1500) -> None:
         self.rate = rate
         self.volume = volume
+        self.state = "open"
+        self.latency = 0.0
+        self.dropped_blocks = 0
+        self._audible_until = 0.0  # devices that know their output latency keep it up to date
+        self._level_watch: list[tuple[float, Flag]] = []  # (seconds, flag) waiting for the queue to run low
         self._block = max(1, int(rate * BLOCK_S))
         self._max_blocks = max(2, queue_ms // int(BLOCK_S * 1000))
         self._q: collections.deque[tuple[int, np.ndarray]] = collections.deque()
@@ -107,6 +93,31 @@ class QueuedSpeaker:
         """Seconds of audio queued and not yet played."""
         return len(self._q) * BLOCK_S
 
+    @property
+    def audible_until(self) -> float:
+        """When the last block written will have left the loudspeaker (monotonic seconds)."""
+        return self._audible_until
+
+    def below(self, seconds: float) -> Flag:
+        """A flag set once the queue holds at most ``seconds`` of audio (at once if it does)."""
+        flag = Flag()
+        with self._cond:
+            if self.buffered_s <= seconds or self._closed:
+                flag.set()
+            else:
+                self._level_watch.append((seconds, flag))
+        return flag
+
+    def _check_level(self) -> None:
+        """Called with the lock held after the queue shrank: set the flags whose level is reached."""
+        if self._level_watch:
+            level = self.buffered_s
+            due = [f for s, f in self._level_watch if level <= s or self._closed]
+            if due:
+                self._level_watch = [(s, f) for s, f in self._level_watch if f not in due]
+                for f in due:
+                    f.set()
+
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until everything written has been played (or flushed)."""
         end = None if timeout is None else time.monotonic() + timeout
@@ -123,6 +134,7 @@ class QueuedSpeaker:
             self._gen += 1
             self._held = False
             self._q.clear()
+            self._check_level()
             self._cond.notify_all()
         self._after_flush()
 
@@ -130,6 +142,7 @@ class QueuedSpeaker:
         with self._cond:
             self._closed = True
             self._q.clear()
+            self._check_level()
             self._cond.notify_all()
         if self._thread_started:
             self._thread.join(timeout=2)
@@ -153,6 +166,7 @@ class QueuedSpeaker:
                     self._cond.notify_all()
                     return
                 gen, block = self._q.popleft()
+                self._check_level()
                 if gen != self._gen:
                     continue
                 self._playing = True

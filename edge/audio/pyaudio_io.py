@@ -31,8 +31,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -423,7 +424,6 @@ class PyAudioSpeaker(QueuedSpeaker):
         self.name = device or "default"
         self.out_rate = 0
         self.latency = 0.0
-        self.audible_until = 0.0
         self.state = "closed"
         self.dropped_blocks = 0
         _HOST.register(self)
@@ -504,7 +504,7 @@ class PyAudioSpeaker(QueuedSpeaker):
             block = np.repeat(block, 2)
         if self._write(block.astype("<i2").tobytes()):
             now = time.monotonic()
-            self.audible_until = now + self.latency
+            self._audible_until = now + self.latency
             self._sound_until = now + FILL_AFTER_S
         else:
             self.dropped_blocks += 1

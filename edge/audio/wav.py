@@ -68,16 +68,16 @@ def _decode(fmt: tuple[int, int, int, int], body: bytes, name: str) -> tuple[Wav
                          code="audio.bad_wav")
     width = bits // 8
     if tag == _PCM and bits in (8, 16, 32):
-        dtype = {8: np.uint8, 16: np.int16, 32: np.int32}[bits]
-        raw = np.frombuffer(body[: len(body) - len(body) % (width * channels)], dtype=np.dtype(dtype).newbyteorder("<"))
+        pcm = np.dtype({8: np.uint8, 16: np.int16, 32: np.int32}[bits]).newbyteorder("<")
+        raw = np.frombuffer(body[: len(body) - len(body) % (width * channels)], dtype=pcm)
     elif tag == _PCM and bits == 24:
         usable = len(body) - len(body) % (3 * channels)
         b = np.frombuffer(body[:usable], dtype=np.uint8).reshape(-1, 3).astype(np.int32)
         raw = (b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8  # sign-extend through the top byte
         raw = raw.astype(np.int32)
     elif tag == _FLOAT and bits in (32, 64):
-        dtype = np.float32 if bits == 32 else np.float64
-        raw = np.frombuffer(body[: len(body) - len(body) % (width * channels)], dtype=np.dtype(dtype).newbyteorder("<"))
+        ftype = np.dtype(np.float32 if bits == 32 else np.float64).newbyteorder("<")
+        raw = np.frombuffer(body[: len(body) - len(body) % (width * channels)], dtype=ftype)
         raw = np.nan_to_num(raw.astype(np.float32))
     else:
         kind = {_PCM: "PCM", _FLOAT: "float"}.get(tag, f"format tag 0x{tag:04x}")

@@ -15,8 +15,9 @@ import re
 import stat
 import tarfile
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Mapping
+from typing import IO
 
 from edge.errors import ModelError
 from edge.models.store import disk_error

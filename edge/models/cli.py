@@ -10,8 +10,9 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import NoReturn
 
 from edge import paths
 from edge.errors import EdgeError, ModelError
@@ -61,7 +62,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
                    help="remove versions that are neither current nor previous, and partial downloads")
 
 
-def add_models_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
+def add_models_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("models", help="install and manage models",
                                    description="Install, verify and switch model versions.")
     _configure(parser)

@@ -12,14 +12,14 @@ import logging
 import os
 import re
 import shutil
-import socket
 import ssl
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Callable, Protocol
+from typing import IO, Protocol
 
 from edge import __version__
 from edge.errors import ModelError
@@ -177,7 +177,7 @@ def download(url: str, part: Path, size: int | None, label: str, progress: Progr
                 continue
             code = "model.not_found" if err.code in (404, 410) else "model.download"
             raise ModelError(f"{shown}: HTTP {err.code} {err.reason}", code=code) from None
-        except (http.client.IncompleteRead, ConnectionError, socket.timeout, TimeoutError, ssl.SSLError) as err:
+        except (http.client.IncompleteRead, ConnectionError, TimeoutError, ssl.SSLError) as err:
             last_error = f"connection lost ({type(err).__name__})"
             _LOGGER.info("%s: %s at %d bytes; resuming", shown, last_error, _part_size(part))
         except urllib.error.URLError as err:

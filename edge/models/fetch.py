@@ -19,9 +19,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 from urllib.parse import urlsplit
 
 from edge.errors import ModelError
@@ -30,8 +30,16 @@ from edge.models.download import ProgressFactory, copy_file, download, human, is
 from edge.models.manage import matches_manifest
 from edge.models.manifest import FileSpec, ModelSpec
 from edge.models.sources import Candidate, candidates
-from edge.models.store import (FileRecord, InstallRecord, ModelStore, disk_error, hash_problems, sha256_file,
-                               stat_problems, version_of)
+from edge.models.store import (
+    FileRecord,
+    InstallRecord,
+    ModelStore,
+    disk_error,
+    hash_problems,
+    sha256_file,
+    stat_problems,
+    version_of,
+)
 
 _LOGGER = logging.getLogger(__name__)
 

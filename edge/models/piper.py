@@ -17,13 +17,14 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO
 
+from edge.errors import ModelError
 from edge.models.store import fsync_dir
 from edge.onnxmeta import read_onnx_metadata  # noqa: F401  (re-exported)
-from edge.errors import ModelError
 
 _LOGGER = logging.getLogger(__name__)
 

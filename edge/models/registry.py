@@ -8,9 +8,9 @@ verify`` does the full re-hash.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from edge import paths
 from edge.errors import ModelError

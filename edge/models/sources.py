@@ -7,9 +7,9 @@ of per-file locations (URLs or mirror paths), one archive, or one wheel from PyP
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 from urllib.parse import quote, urlsplit
 
 from edge.errors import ModelError

@@ -28,9 +28,10 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from edge.errors import ModelError
 
@@ -98,7 +99,7 @@ def read_json(path: Path) -> Any:
         return None
 
 
-def version_of(files: Mapping[str, "FileRecord"]) -> str:
+def version_of(files: Mapping[str, FileRecord]) -> str:
     text = "".join(f"{rec.sha256}  {name}\n" for name, rec in sorted(files.items()))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -133,7 +134,7 @@ class InstallRecord:
     fingerprint: str = ""  # the manifest entry it was installed for (ModelSpec.fingerprint)
 
     @classmethod
-    def load(cls, version_dir: Path) -> "InstallRecord | None":
+    def load(cls, version_dir: Path) -> InstallRecord | None:
         """The record of a version directory, or None when it has none or it is unreadable."""
         try:
             raw = read_json(version_dir / RECORD)

@@ -12,9 +12,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
 
 REPO = Path(__file__).resolve().parents[2]
 CONSTRAINTS = REPO / "scripts" / "constraints.txt"

@@ -16,9 +16,9 @@ import os
 import re
 import subprocess
 import zipfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
 
 Version = tuple[int, ...]
 

@@ -16,7 +16,6 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -50,14 +49,14 @@ def run_check(config: Path) -> dict[str, Any]:
 
 
 def transcribe(cfg: Any, files: dict[str, Any], audio: np.ndarray) -> str:
-    from edge.stt import FINAL, make_recognizer
+    from edge.stt import UpdateKind, make_recognizer
 
     rec = make_recognizer(cfg.stt, files["stt"], files["vad"])
     try:
         rec.start([])
-        finals = [u.text for c in chunks(audio) for u in rec.accept(c) if u.kind == FINAL]
+        finals = [u.text for c in chunks(audio) for u in rec.accept(c) if u.kind == UpdateKind.FINAL]
         last = rec.finish()
-        if last is not None and last.kind == FINAL:
+        if last is not None and last.kind == UpdateKind.FINAL:
             finals.append(last.text)
     finally:
         rec.close()
@@ -79,21 +78,23 @@ def wake(cfg: Any, files: dict[str, Any], audio: np.ndarray) -> list[dict[str, A
 
 def chat(cfg: Any, gguf: Path, text: str) -> str:
     from edge.llm import make_chat_model
+    from edge.signals import CancelScope
 
     model = make_chat_model(cfg.llm, gguf)
     try:
         model.warm(cfg.llm.system_prompt)
-        return "".join(model.stream([], text, cancel=threading.Event()))
+        return "".join(model.stream([], text, cancel=CancelScope()))
     finally:
         model.close()
 
 
 def synthesize(cfg: Any, files: dict[str, Any], text: str) -> tuple[np.ndarray, int]:
+    from edge.signals import CancelScope
     from edge.tts import make_synthesizer
 
     synth = make_synthesizer(cfg.tts, files["tts"])
     try:
-        pieces = list(synth.synthesize(text, threading.Event()))
+        pieces = list(synth.synthesize(text, CancelScope()))
         rate = synth.sample_rate
     finally:
         synth.close()

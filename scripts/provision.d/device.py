@@ -27,7 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 MARK = "@@provision-result@@"
 SERVICE = "edge-voice"

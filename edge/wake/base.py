@@ -1,11 +1,4 @@
-"""Wake stage: hear the wake word in the microphone stream.
-
-Two engines sit behind one small interface:
-
-- ``openwakeword`` (:mod:`edge.wake_oww`): openWakeWord ONNX models run with onnxruntime,
-  one model per word, each with its own threshold and refractory period.
-- ``kws`` (:mod:`edge.wake_kws`): sherpa-onnx's KeywordSpotter, a small streaming
-  transducer with keywords typed in the config as the model's tokens.
+"""The wake stage's one protocol and its types: ``WakeDetector``, ``WakeHit``, ``Trigger``.
 
 The conversation feeds 20 ms chunks from one worker thread; a detector is not thread-safe
 and needs no lock as long as process/reset/close come from that one thread.
@@ -16,15 +9,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from edge.audio.chunk import AudioChunk
-from edge.config import WakeConfig
 
 _LOGGER = logging.getLogger(__name__)
 
-__all__ = ["WakeHit", "WakeDetector", "Trigger", "make_wake_detector"]
+__all__ = ["WakeHit", "WakeDetector", "Trigger"]
 
 
 @dataclass(frozen=True)
@@ -85,26 +76,3 @@ class Trigger:
             return False
         self._quiet_until = t + self.refractory_s
         return True
-
-
-def make_wake_detector(cfg: WakeConfig, files: dict[str, Path]) -> WakeDetector | None:
-    """Build the configured wake engine, or None for engine "none".
-
-    ``files`` maps the installed file names of the wake model (``cfg.model``) to their paths.
-    Raises ConfigError for a bad word or keyword list, ModelError for a missing or unusable
-    model file, MissingDependency when the engine's library is not installed.
-    """
-    if cfg.engine == "none":
-        _LOGGER.info("wake word disabled (engine none)")
-        return None
-    if cfg.engine == "openwakeword":
-        from edge.wake_oww import OpenWakeWordDetector
-
-        return OpenWakeWordDetector(cfg, files)
-    if cfg.engine == "kws":
-        from edge.wake_kws import KeywordSpotterDetector
-
-        return KeywordSpotterDetector(cfg, files)
-    from edge.errors import ConfigError
-
-    raise ConfigError(f"wake.engine: {cfg.engine!r} is not one of openwakeword, kws, none")

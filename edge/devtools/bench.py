@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +31,14 @@ from typing import Any, TextIO
 import numpy as np
 
 from edge import paths
+from edge.app import Stages, load_stages, resolve_models
 from edge.audio.chunk import CHUNK_SAMPLES, SAMPLE_RATE, AudioChunk, resample
 from edge.audio.wav import write_wav
 from edge.config import Config
+from edge.cpu import CpuPolicy
 from edge.errors import EdgeError
+from edge.signals import CancelScope
+from edge.tts.base import Synthesizer
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -81,12 +84,12 @@ def _voiced_end(x: np.ndarray, threshold: int = 300) -> int:
     return int(loud[-1]) + 1 if len(loud) else 0
 
 
-def _speak(synth: Any, text: str) -> np.ndarray:
-    audio = np.concatenate(list(synth.synthesize(text, threading.Event())))
+def _speak(synth: Synthesizer, text: str) -> np.ndarray:
+    audio = np.concatenate(list(synth.synthesize(text, CancelScope())))
     return resample(audio, synth.sample_rate, SAMPLE_RATE)
 
 
-def make_turn_audio(synth: Any, question: str) -> TurnAudio:
+def make_turn_audio(synth: Synthesizer, question: str) -> TurnAudio:
     silence = lambda s: np.zeros(int(SAMPLE_RATE * s), dtype=np.int16)  # noqa: E731
     wake, q = _speak(synth, WAKE_PHRASE), _speak(synth, question)
     lead, pause = silence(1.0), silence(0.4)
@@ -113,7 +116,7 @@ def bench_config(cfg: Config, profile: str) -> tuple[Config, Path | None]:
     # Versioned: a change to the generator must not reuse an older file.
     gguf = paths.cache_dir() / "bench" / "phi3-mini-shaped-v3.gguf"
     if not gguf.exists():
-        from edge.gguf_synth import write_phi3_mini_shaped
+        from edge.devtools.gguf_synth import write_phi3_mini_shaped
 
         gguf.parent.mkdir(parents=True, exist_ok=True)
         print(f"bench: writing a random-weight Phi-3-mini-shaped GGUF to {gguf} (about 2.2 GB, once)",
@@ -127,23 +130,12 @@ def bench_config(cfg: Config, profile: str) -> tuple[Config, Path | None]:
     return dataclasses.replace(cfg, llm=llm), gguf
 
 
-def load_bench_stages(cfg: Config, gguf: Path | None):
-    from edge.stages import load_stages
-
-    if gguf is None:
-        return load_stages(cfg)
-    from edge.llm import make_chat_model
-
-    stages = load_stages(cfg, roles=("wake", "stt", "vad", "tts"))
-    t0 = time.monotonic()
-    stages.chat = make_chat_model(cfg.llm, gguf)
-    assert stages.load_ms is not None
-    stages.load_ms["llm"] = round(1000 * (time.monotonic() - t0), 1)
-    return stages
+def load_bench_stages(cfg: Config, gguf: Path | None) -> Stages:
+    return load_stages(cfg, CpuPolicy(share=cfg.llm.share_cores), llm_path=gguf)
 
 
 # -- one pipelined turn ----------------------------------------------------------------------
-def run_turn(cfg: Config, stages: Any, audio: TurnAudio, workdir: Path) -> TurnResult:
+def run_turn(cfg: Config, stages: Stages, audio: TurnAudio, workdir: Path) -> TurnResult:
     from edge.simulate import simulate
 
     wav = workdir / "turn.wav"
@@ -166,8 +158,8 @@ def run_turn(cfg: Config, stages: Any, audio: TurnAudio, workdir: Path) -> TurnR
     for key in STAGES[1:]:
         if key in timings:
             out.stages_ms[key] = round(timings[key] + shift_ms, 1)
-    stats = getattr(stages.chat, "last_stats", None)
-    if stats is not None:
+    if stages.chat is not None:
+        stats = stages.chat.last_stats
         out.llm = {"prompt_tokens": stats.prompt_tokens, "cached_tokens": stats.cached_tokens,
                    "evaluated_tokens": stats.evaluated_tokens, "generated_tokens": stats.generated_tokens,
                    # The model's own speed inside the pipeline (other stages share the CPU),
@@ -178,20 +170,18 @@ def run_turn(cfg: Config, stages: Any, audio: TurnAudio, workdir: Path) -> TurnR
 
 
 # -- the sequential baseline --------------------------------------------------------------------
-def run_baseline(cfg: Config, stages: Any, audio: TurnAudio) -> dict[str, float]:
+def run_baseline(cfg: Config, stages: Stages, audio: TurnAudio) -> dict[str, float]:
     """STT to the final transcript, then the whole reply from a cold cache, then all its audio."""
     rec, chat, synth = stages.recognizer, stages.chat, stages.synth
+    assert rec is not None and chat is not None and synth is not None
     rec.start([])
     final = None
-    pause_decode_s = 0.0
     for i in range(0, len(audio.samples) - CHUNK_SAMPLES + 1, CHUNK_SAMPLES):
         chunk = AudioChunk(audio.samples[i : i + CHUNK_SAMPLES].copy(), i, SAMPLE_RATE, time.monotonic())
         if chunk.start_s < audio.wake_end:
             continue  # the wake word is not part of the question
         for upd in rec.accept(chunk):
-            if upd.kind == "pause":
-                pause_decode_s = upd.decode_s
-            elif upd.kind == "final":
+            if upd.kind == "final":
                 final = upd
         if final is not None:
             break
@@ -201,49 +191,41 @@ def run_baseline(cfg: Config, stages: Any, audio: TurnAudio) -> dict[str, float]
         raise EdgeError(f"baseline: no transcript for {audio.question!r}", code="bench.turn")
     # A sequential pipeline decodes the utterance once the endpoint has fired. This recognizer
     # may have re-used a decode made at the pause: decode the question again to time it.
-    transcribe = getattr(rec, "transcribe", None)
-    if transcribe is not None:
-        from edge.stt_vad import LEAD_S, TAIL_S
+    from edge.stt.vad import LEAD_S, TAIL_S
 
-        start = int(max(0.0, audio.speech_start - LEAD_S) * SAMPLE_RATE)
-        end = int((audio.speech_end + TAIL_S) * SAMPLE_RATE)
-        stt_s = transcribe(audio.samples[start:end])[1]
-    else:
-        stt_s = final.decode_s or pause_decode_s
+    start = int(max(0.0, audio.speech_start - LEAD_S) * SAMPLE_RATE)
+    end = int((audio.speech_end + TAIL_S) * SAMPLE_RATE)
+    stt_s = rec.transcribe(audio.samples[start:end])[1]
     endpoint_s = final.audio_time - audio.speech_end
-    forget = getattr(chat, "forget", None)
-    if forget is not None:
-        forget()
+    chat.forget()
     t0 = time.monotonic()
-    reply = "".join(chat.stream([], final.text, cancel=threading.Event())).strip() or cfg.llm.fallback_reply
+    reply = "".join(chat.stream([], final.text, cancel=CancelScope())).strip() or cfg.llm.fallback_reply
     llm_s = time.monotonic() - t0
     chat.warm(cfg.llm.system_prompt)  # the pipelined turns keep their warm system prompt
     t0 = time.monotonic()
-    n = sum(len(a) for a in synth.synthesize(reply, threading.Event()))
+    n = sum(len(a) for a in synth.synthesize(reply, CancelScope()))
     tts_s = time.monotonic() - t0
     total = endpoint_s + stt_s + llm_s + tts_s
-    stats = getattr(chat, "last_stats", None)
+    stats = chat.last_stats
     out = {"endpoint_delay": endpoint_s, "stt_final": stt_s, "llm_reply": llm_s, "tts_all": tts_s,
            "end_of_speech_to_first_audio": total}
     out = {k: round(1000 * v, 1) for k, v in out.items()}
     out["stt_rtf"] = round(stt_s / max(0.1, audio.speech_end - audio.speech_start), 3)
     out["tts_rtf"] = round(tts_s / max(1e-3, n / synth.sample_rate), 3)
-    if stats is not None and stats.prompt_s > 0:
+    if stats.prompt_s > 0:
         out["prefill_tokens_per_s"] = round(stats.evaluated_tokens / stats.prompt_s, 1)
         out["generation_tokens_per_s"] = round(stats.compute_tokens_per_s, 2)
     return out
 
 
 # -- always-on CPU: wake word + VAD ----------------------------------------------------------------
-def wake_vad_cpu(cfg: Config, stages: Any, audio: np.ndarray) -> float | None:
+def wake_vad_cpu(cfg: Config, stages: Stages, audio: np.ndarray) -> float | None:
     """Percent of one core the always-on part (wake word + VAD) costs, per second of audio."""
-    from edge.stages import resolve_models
-
     if stages.wake is None:
         return None
     vad = None
     if cfg.stt.engine == "vad-offline":
-        from edge.stt_vad import build_vad
+        from edge.stt.vad import build_vad
 
         models = resolve_models(cfg, roles=("vad",))
         vad = build_vad(cfg.stt, models["vad"].path("model"), cfg.stt.max_utterance_s)
@@ -301,7 +283,10 @@ def run_bench(cfg: Config, profile: str = "dev", turns: int = 5, *, plain: bool 
     load_s = time.monotonic() - t0
     try:
         print(f"bench: models loaded in {load_s:.1f} s; {turns} turn(s), profile {profile}", file=log)
-        audios = [make_turn_audio(stages.synth, QUESTIONS[i % len(QUESTIONS)]) for i in range(turns)]
+        synth = stages.synth
+        if synth is None:
+            raise EdgeError("bench needs a text-to-speech voice (tts.model) to speak its questions", code="bench.tts")
+        audios = [make_turn_audio(synth, QUESTIONS[i % len(QUESTIONS)]) for i in range(turns)]
         results: list[TurnResult] = []
         with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
             for i, audio in enumerate(audios):
@@ -322,8 +307,6 @@ def run_bench(cfg: Config, profile: str = "dev", turns: int = 5, *, plain: bool 
         stages.close()
     model_path = gguf
     if model_path is None:
-        from edge.stages import resolve_models
-
         model_path = next(p for n, p in resolve_models(cfg, roles=("llm",))["llm"].files.items()
                           if n.endswith(".gguf"))
     plain_tps = plain_llama_tokens_per_s(model_path, cfg) if plain else None
@@ -413,7 +396,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"LLM prefill {llm['prefill_tokens_per_s']} tokens/s; generation {llm['generation_tokens_per_s_pipeline']} "
         f"tokens/s in the pipeline ({llm['generation_tokens_per_s_alone']} with the CPU to itself) vs "
         f"{llm['generation_tokens_per_s_plain']} plain llama-cpp-python "
-        f"[target >= {t['llm_generation_vs_plain']:.0%}: {mark(None if vs_plain is None else vs_plain >= t['llm_generation_vs_plain'])}]",
+        f"[target >= {t['llm_generation_vs_plain']:.0%}: "
+        f"{mark(None if vs_plain is None else vs_plain >= t['llm_generation_vs_plain'])}]",
         f"STT real-time factor {r['stt_rtf']}; TTS real-time factor {r['tts_rtf']}",
         f"wake word + VAD: {cpu}% of one core  [target <= {t['wake_vad_cpu_percent']:.0f}%: "
         f"{mark(None if cpu is None else cpu <= t['wake_vad_cpu_percent'])}]",
@@ -439,14 +423,14 @@ def plot_waterfall(r: dict[str, Any], out: Path) -> None:
     base = turn["baseline_ms"]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     prev = 0.0
-    for i, (name, t) in enumerate(stages):
+    for i, (_name, t) in enumerate(stages):
         ax.barh(i, t - prev, left=prev, color="tab:blue")
         ax.text(t, i, f" {t:.0f} ms", va="center", fontsize=8)
         prev = t
     seq = [("endpoint_delay", base["endpoint_delay"]), ("stt_final", base["stt_final"]),
            ("llm_reply", base["llm_reply"]), ("tts_all", base["tts_all"])]
     left, y = 0.0, len(stages) + 0.5
-    for name, d in seq:
+    for _name, d in seq:
         ax.barh(y, d, left=left, color="tab:gray", edgecolor="white")
         left += d
     ax.text(left, y, f" sequential: {left:.0f} ms", va="center", fontsize=8)

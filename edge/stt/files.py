@@ -12,12 +12,12 @@ sherpa-onnx's loader for that model type reads. The required keys mirror sherpa-
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
-from edge.onnxmeta import OnnxInfo, read_onnx_info
 from edge.errors import ModelError
+from edge.onnxmeta import OnnxInfo, read_onnx_info
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def identify_stt_model(files: Mapping[str, Path], kind: str | None = None) -> St
     if tokens is None:
         raise ModelError(f"the {kind} speech-to-text model has no tokens file (*tokens.txt) among "
                          f"{', '.join(sorted(names))}", code="model.missing")
-    roles = {
+    layouts: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
         "transducer": {"encoder": ("encoder", ()), "decoder": ("decoder", ()), "joiner": ("joiner", ())},
         "paraformer": {"encoder": ("encoder", ()), "decoder": ("decoder", ())},
         "whisper": {"encoder": ("encoder", ()), "decoder": ("decoder", ())},
@@ -196,7 +196,8 @@ def identify_stt_model(files: Mapping[str, Path], kind: str | None = None) -> St
                       "cached_decoder": ("cached_decode", ("uncached",))},
         "nemo_ctc": {"model": ("", ())},
         "sense_voice": {"model": ("", ())},
-    }[kind]
+    }
+    roles = layouts[kind]
     paths: dict[str, Path] = {"tokens": tokens}
     for role, (has, lacks) in roles.items():
         p = _pick(names, has=has, lacks=lacks)

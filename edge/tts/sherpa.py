@@ -1,11 +1,11 @@
-"""Text-to-speech: the ``Synthesizer`` stage and its sherpa-onnx backend.
+"""Text-to-speech with sherpa-onnx: voice checks, loading, and the ``Synthesizer`` backend.
 
 A synthesizer turns one clause of text into int16 mono audio at its own ``sample_rate``,
 yielding each sentence's audio as soon as the model has it, so playback starts while the
-rest is still being computed. Setting the turn's cancel event stops it between sentences
-(sherpa-onnx's progress callback returns 0) and ends the iteration at once.
+rest is still being computed. Cancelling stops it between sentences (sherpa-onnx's progress
+callback returns 0) and ends the iteration at once.
 
-sherpa-onnx 2.x has no espeak-ng: the text is phonemized here (``edge.phonemize``) and
+sherpa-onnx 2.x has no espeak-ng: the text is phonemized here (:mod:`edge.tts.phonemize`) and
 handed over as codepoints. sherpa-onnx also ends the process (exit status 255, no
 exception) when a model lacks metadata it needs, so the files are checked before loading.
 """
@@ -14,21 +14,23 @@ from __future__ import annotations
 
 import logging
 import queue
-import re
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any
 
 import numpy as np
 
 from edge.audio.chunk import to_mono_int16
-from edge.clauses import has_words, strip_markdown
 from edge.config import TtsConfig
-from edge.cpu_share import SHARE
+from edge.cpu import CpuPolicy
 from edge.errors import ConfigError, MissingDependency, ModelError, StageError
 from edge.onnxmeta import read_onnx_metadata
+from edge.signals import Flag
+from edge.tts.base import SynthesisStats
+from edge.tts.text import has_words, normalize_for_speech
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -39,65 +41,6 @@ MATCHA_VOCODER = "vocoder.onnx"
 
 # sherpa-onnx's VITS loader has no default for these (see offline-tts-vits-model.cc).
 _VITS_REQUIRED = ("sample_rate", "n_speakers", "language", "comment")
-# Sentences of audio waiting for the speaker. When full, generation waits (the callback
-# blocks): a slow speaker pauses text-to-speech instead of piling up audio.
-_QUEUE_PIECES = 4
-_POLL_S = 0.05
-
-
-class Synthesizer(Protocol):
-    sample_rate: int
-
-    def synthesize(self, text: str, cancel: threading.Event) -> Iterator[np.ndarray]:
-        """int16 mono pieces at ``sample_rate``; nothing for text with nothing to say.
-
-        Raises StageError (code ``tts.empty``) when the voice yields no audio for text
-        that has words. Stops early, without error, once ``cancel`` is set.
-        """
-        ...
-
-    def close(self) -> None: ...
-
-
-# --- text -------------------------------------------------------------------------------
-
-_CURRENCY = {"$": ("dollar", "dollars", "cent", "cents"), "€": ("euro", "euros", "cent", "cents"),
-             "£": ("pound", "pounds", "penny", "pence")}
-_CURRENCY_RE = re.compile(r"([$€£])\s?(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d{2}))?(?!\d)"
-                          r"(\s+(?:thousand|million|billion|trillion)\b)?")
-_EN_ABBREVIATIONS = [
-    (re.compile(r"\bDr\.(?=\s+[A-Z])"), "Doctor"),
-    (re.compile(r"\bMr\.(?=\s)"), "Mister"),
-    (re.compile(r"\bMrs\.(?=\s)"), "Missus"),
-    (re.compile(r"\be\.g\.,?", re.I), "for example,"),
-    (re.compile(r"\bi\.e\.,?", re.I), "that is,"),
-    (re.compile(r"\betc\.", re.I), "et cetera."),
-    (re.compile(r"\bvs\.?(?=\s)", re.I), "versus"),
-    (re.compile(r"\bapprox\.", re.I), "approximately"),
-]
-
-
-def _say_currency(m: re.Match[str]) -> str:
-    one, many, sub_one, sub_many = _CURRENCY[m.group(1)]
-    amount, cents, scale = m.group(2), m.group(3), m.group(4)
-    if scale:
-        return f"{amount}{scale} {many}"
-    words = f"{amount} {one if amount == '1' else many}"
-    if cents and int(cents):
-        words += f" and {int(cents)} {sub_one if int(cents) == 1 else sub_many}"
-    return words
-
-
-def normalize_for_speech(text: str, language: str = "en") -> str:
-    """What the voice should read: markdown and emoji gone; for English, amounts of money
-    and a few abbreviations spelled out (espeak-ng reads "$3.50" as "dollar three point five
-    zero" and stops a sentence after "Dr."). Other numbers are left to espeak-ng."""
-    text = strip_markdown(text)
-    if language == "en":
-        text = _CURRENCY_RE.sub(_say_currency, text)
-        for pattern, words in _EN_ABBREVIATIONS:
-            text = pattern.sub(words, text)
-    return text
 
 
 # --- checks before sherpa-onnx sees a file ----------------------------------------------
@@ -153,34 +96,19 @@ def check_tokens(path: Path, required: str = "") -> set[str]:
 
 # --- the sherpa-onnx backend ------------------------------------------------------------
 
-@dataclass(frozen=True)
-class SynthesisStats:
-    """How the last synthesis went, for logs and benchmarks (times from the call)."""
-
-    sentences: int  # sentences handed to the model
-    generated: int  # pieces of audio that came back (sherpa-onnx splits very long sentences)
-    samples: int
-    audio_s: float
-    first_audio_s: float | None  # when the first audio was ready
-    elapsed_s: float
-    cancelled: bool
-
-    @property
-    def rtf(self) -> float:
-        """Real-time factor: compute time over audio time (below 1 is faster than speech)."""
-        return self.elapsed_s / self.audio_s if self.audio_s else float("inf")
-
-
 _DONE = object()
 
 
 @dataclass
 class _Job:
     sentences: list[list[int]]
-    cancel: threading.Event
+    cancel: Flag
     started: float
-    stop: threading.Event = field(default_factory=threading.Event)
-    pieces: queue.Queue = field(default_factory=lambda: queue.Queue(maxsize=_QUEUE_PIECES))
+    stop: Flag = field(default_factory=Flag)
+    # A clause's sentences, as the model finishes them. Unbounded on purpose: a clause holds a
+    # few sentences at most (the clause splitter cuts at 24 words), and the model's callback
+    # must never wait for the consumer, or it would sit in a native call holding its core.
+    pieces: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     generated: int = 0
     samples: int = 0
     first_audio: float | None = None
@@ -188,29 +116,20 @@ class _Job:
     def stopped(self) -> bool:
         return self.stop.is_set() or self.cancel.is_set()
 
-    def put(self, item: Any) -> bool:
-        """Hand an item to the consumer; waits while the queue is full, gives up on stop."""
-        while True:
-            try:
-                self.pieces.put(item, timeout=_POLL_S)
-                return True
-            except queue.Full:
-                if self.stopped():
-                    return False
-
 
 class SherpaSynthesizer:
     """sherpa-onnx ``OfflineTts`` with phonemes from ``Phonemizer``; one generation at a time,
-    each on a worker thread that feeds a bounded queue."""
+    each on a worker thread whose sentences the caller's iteration yields."""
 
     def __init__(self, tts: Any, phonemizer: Any, *, language: str, speaker_id: int = 0,
-                 speed: float = 1.0, name: str = "tts") -> None:
+                 speed: float = 1.0, name: str = "tts", cpu: CpuPolicy | None = None) -> None:
         self._tts = tts
         self._phonemizer = phonemizer
         self._language = language
         self._speaker_id = speaker_id
         self._speed = speed
         self._name = name
+        self._cpu = cpu or CpuPolicy()
         self.sample_rate = int(tts.sample_rate)
         self._lock = threading.Lock()  # sherpa-onnx does not promise a re-entrant generate()
         self._thread: threading.Thread | None = None
@@ -218,7 +137,7 @@ class SherpaSynthesizer:
         self._closed = False
         self.last_stats: SynthesisStats | None = None
 
-    def synthesize(self, text: str, cancel: threading.Event) -> Iterator[np.ndarray]:
+    def synthesize(self, text: str, cancel: Flag) -> Iterator[np.ndarray]:
         if self._closed:
             raise StageError("text-to-speech is closed", code="tts.closed")
         started = time.monotonic()
@@ -232,25 +151,20 @@ class SherpaSynthesizer:
         job = _Job(sentences, cancel, started)
         thread = threading.Thread(target=self._generate, args=(job,), name=f"{self._name}-generate", daemon=True)
         self._job, self._thread = job, thread
+        undo = cancel.on_set(lambda: job.pieces.put(_DONE))  # wakes the wait below at once
         thread.start()
         try:
             while True:
-                try:
-                    item = job.pieces.get(timeout=_POLL_S)
-                except queue.Empty:
-                    if cancel.is_set():
-                        return
-                    continue
-                if item is _DONE:
+                item = job.pieces.get()
+                if item is _DONE or cancel.is_set():
                     break
                 if isinstance(item, BaseException):
                     raise StageError(f"text-to-speech failed: {item}", code="tts.failed") from item
-                if cancel.is_set():
-                    return
                 yield item
             if job.samples == 0 and not cancel.is_set():
                 raise StageError(f"the voice produced no audio for {spoken[:60]!r}", code="tts.empty")
         finally:
+            undo()
             job.stop.set()  # a consumer that leaves early stops the worker at its next sentence
 
     def _generate(self, job: _Job) -> None:
@@ -275,18 +189,13 @@ class SherpaSynthesizer:
                         if job.first_audio is None:
                             job.first_audio = time.monotonic()
                         job.samples += len(pcm)
-                        SHARE.leave()  # waiting for room in the queue is not computing
-                        try:
-                            if not job.put(pcm):
-                                return 0
-                        finally:
-                            SHARE.enter()
+                        job.pieces.put(pcm)
                     return 0 if job.stopped() else 1
 
-                with SHARE.busy():
+                with self._cpu.computing():
                     self._tts.generate("", gen, on_audio)
             except Exception as err:  # reported to the consumer, which raises StageError
-                job.put(err)
+                job.pieces.put(err)
             finally:
                 now = time.monotonic()
                 stats = self.last_stats = SynthesisStats(
@@ -298,7 +207,7 @@ class SherpaSynthesizer:
                               stats.generated, stats.sentences, stats.audio_s,
                               "-" if stats.first_audio_s is None else f"{stats.first_audio_s:.3f}",
                               stats.rtf if stats.audio_s else 0.0, " (stopped)" if stats.cancelled else "")
-                job.put(_DONE)
+                job.pieces.put(_DONE)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait for a generation still finishing its sentence after a cancel; True when idle."""
@@ -340,7 +249,7 @@ def _need(files: dict[str, Path], name: str) -> Path:
     return path
 
 
-def make_synthesizer(cfg: TtsConfig, files: dict[str, Path]) -> Synthesizer:
+def load_voice(cfg: TtsConfig, files: dict[str, Path], cpu: CpuPolicy | None = None) -> SherpaSynthesizer:
     """Load the voice in ``files`` (installed file name → path) with sherpa-onnx.
 
     Piper/VITS voices need ``model.onnx`` and ``tokens.txt``; a ``voices.bin`` selects
@@ -370,7 +279,7 @@ def make_synthesizer(cfg: TtsConfig, files: dict[str, Path]) -> Synthesizer:
         import sherpa_onnx
     except ImportError:
         raise MissingDependency.for_module("sherpa_onnx", "tts") from None
-    from edge.phonemize import Phonemizer
+    from edge.tts.phonemize import Phonemizer
 
     voice = meta.get("voice") or "en-us"
     phonemizer = Phonemizer(voice)
@@ -401,4 +310,4 @@ def make_synthesizer(cfg: TtsConfig, files: dict[str, Path]) -> Synthesizer:
     _LOGGER.info("text-to-speech: %s voice %s (%s, %d Hz, %d thread(s)) loaded in %.2f s", kind, model.parent.name,
                  voice, tts.sample_rate, cfg.num_threads, time.monotonic() - started)
     return SherpaSynthesizer(tts, phonemizer, language=voice.split("-")[0].lower(),
-                             speaker_id=cfg.speaker_id, speed=speed, name="tts")
+                             speaker_id=cfg.speaker_id, speed=speed, name="tts", cpu=cpu)

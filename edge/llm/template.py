@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any
 
 from edge.errors import MissingDependency, ModelError
+from edge.llm.base import Message
 
 _LOGGER = logging.getLogger(__name__)
-
-Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
 # Phi-3-mini-4k-instruct's current Hugging Face template (it renders the system message).
 PHI3_TEMPLATE = (

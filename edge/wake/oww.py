@@ -27,7 +27,7 @@ import numpy as np
 from edge.audio.chunk import SAMPLE_RATE, AudioChunk
 from edge.config import WakeConfig, WakeWord
 from edge.errors import ConfigError, MissingDependency, ModelError, StageError
-from edge.wake import Trigger, WakeHit
+from edge.wake.base import Trigger, WakeHit
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -23,16 +23,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edge.audio.chunk import SAMPLE_RATE, AudioChunk
-from edge.cpu_share import SHARE
+from edge.cpu import CpuPolicy
 from edge.errors import ModelError
-from edge.stt import (FINAL, FeedingRecognizer, PARTIAL, PAUSE, RESUME, SPEECH_START, SttUpdate, Timeline, check_chunk,
-                      clean_transcript, closed_error, import_sherpa)
+from edge.stt.base import SttUpdate, UpdateKind
+from edge.stt.common import FeedingRecognizer, Timeline, check_chunk, clean_transcript, closed_error, import_sherpa
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from edge.config import SttConfig
-    from edge.stt_models import SttModel
+    from edge.stt.files import SttModel
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ PARTIAL_LOAD = 2.0  # wait at least this many times the last decode's wall time 
 # and the pause reuses that decode if the voice stayed quiet: its reply starts without a decode of
 # its own (on those 28 questions Whisper gave the same words as a decode at the pause). While
 # quiet, no partial starts (it would hold the audio thread, and with it the pause, for a whole
-# decode) and the LLM's prefill keeps to one thread (``SHARE.expect``). In speech a quiet stretch
+# decode) and the LLM's prefill keeps to one thread (``CpuPolicy.decode_likely``). In speech a quiet stretch
 # (a stop, a breath) only costs a partial decode at a word boundary.
 QUIET_DB = 25.0
 QUIET_S = 0.06
@@ -150,8 +150,9 @@ class VadOfflineRecognizer(FeedingRecognizer):
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, cfg: SttConfig, model: SttModel, vad_path: Path) -> None:
+    def __init__(self, cfg: SttConfig, model: SttModel, vad_path: Path, cpu: CpuPolicy | None = None) -> None:
         self._cfg = cfg
+        self._cpu = cpu or CpuPolicy()
         self.kind = model.kind
         self._max_utt = cfg.max_utterance_s
         if model.kind == "whisper" and self._max_utt > WHISPER_MAX_S:
@@ -213,7 +214,7 @@ class VadOfflineRecognizer(FeedingRecognizer):
         if not text:
             return None
         end = self._timeline.end_s
-        return SttUpdate(FINAL, text, end, end, took)
+        return SttUpdate(UpdateKind.FINAL, text, end, end, took)
 
     def transcribe(self, samples: np.ndarray) -> tuple[str, float]:
         """Decode a whole utterance at once (a sequential pipeline's way); (text, seconds)."""
@@ -236,7 +237,7 @@ class VadOfflineRecognizer(FeedingRecognizer):
     def _recognize(self, samples: np.ndarray) -> tuple[str, float]:
         """Decode ``samples`` with the offline model; (text, seconds)."""
         t0 = time.perf_counter()
-        with SHARE.busy():  # the features too: a prefill slice must not start beside the decode
+        with self._cpu.computing():  # the features too: a prefill slice must not start beside the decode
             stream = self._rec.create_stream()
             stream.accept_waveform(SAMPLE_RATE, samples.astype(np.float32) / 32768.0)
             self._rec.decode_stream(stream)
@@ -264,7 +265,7 @@ class VadOfflineRecognizer(FeedingRecognizer):
                 self._audio.keep_last(int(IDLE_KEEP_S * SAMPLE_RATE))
                 return out
             self._last_partial_pos = fed
-            out.append(SttUpdate(SPEECH_START, "", self._timeline.seconds(self._speech_at)))
+            out.append(SttUpdate(UpdateKind.SPEECH_START, "", self._timeline.seconds(self._speech_at)))
         self._track_loudness(chunk, fed)
         if not self._vad.empty():
             seg = self._vad.front
@@ -275,13 +276,13 @@ class VadOfflineRecognizer(FeedingRecognizer):
             return out + self._final(fed, fed)
         pause = self._check_pause(fed)
         if pause is not None:
-            SHARE.expect(0)  # the reply comes now, on every core
+            self._cpu.decode_likely(0)  # the reply comes now, on every core
             return out + [pause]
         if self._pause is not None:
             return out  # silent since the pause: nothing new to decode
         quiet_s = self._quiet_for_s(fed)
         if quiet_s > 0.0:
-            SHARE.expect(EXPECT_S)  # a decode, then the reply, may be next
+            self._cpu.decode_likely(EXPECT_S)  # a decode, then the reply, may be next
         if quiet_s >= QUIET_S:
             if not self._heard_in_quiet():
                 out.extend(self._partial(fed))
@@ -298,7 +299,7 @@ class VadOfflineRecognizer(FeedingRecognizer):
                                 int(PARTIAL_LOAD * took * SAMPLE_RATE))
         if text and text != self._last_partial:
             self._last_partial = text
-            return [SttUpdate(PARTIAL, text, self._timeline.end_s, None, took)]
+            return [SttUpdate(UpdateKind.PARTIAL, text, self._timeline.end_s, None, took)]
         return []
 
     def _quiet_for_s(self, fed: int) -> float:
@@ -347,15 +348,16 @@ class VadOfflineRecognizer(FeedingRecognizer):
                 # had gone quiet for good.
                 text, took = heard, 0.0
             else:
+                assert self._speech_at is not None  # a pause comes after speech began
                 text, took = self._decode(self._speech_at, fed)
             if not text:
                 return None
             self._pause = (end, text)
             self._last_partial_pos = fed
-            return SttUpdate(PAUSE, text, self._timeline.end_s, self._timeline.seconds(end), took)
+            return SttUpdate(UpdateKind.PAUSE, text, self._timeline.end_s, self._timeline.seconds(end), took)
         if self._pause is not None and pv.is_speech_detected():
             self._pause = None
-            return SttUpdate(RESUME, "", self._timeline.end_s)
+            return SttUpdate(UpdateKind.RESUME, "", self._timeline.end_s)
         return None
 
     def _in_preroll(self, speech_end: int) -> bool:
@@ -370,13 +372,14 @@ class VadOfflineRecognizer(FeedingRecognizer):
         if pause is not None and abs(pause[0] - speech_end) <= int(SAME_END_S * SAMPLE_RATE):
             # Nothing was said since the pause: its transcript is the final one, no second decode.
             self._done = True
-            return [SttUpdate(FINAL, pause[1], self._timeline.end_s, self._timeline.seconds(speech_end), 0.0)]
+            end_s = self._timeline.seconds(speech_end)
+            return [SttUpdate(UpdateKind.FINAL, pause[1], self._timeline.end_s, end_s, 0.0)]
         text, took = self._decode(self._speech_at, decode_end)
         if not text:
             # A cough, a knock, noise the model hears no words in: not a question; keep listening.
             return self._keep_listening()
         self._done = True
-        return [SttUpdate(FINAL, text, self._timeline.end_s, self._timeline.seconds(speech_end), took)]
+        return [SttUpdate(UpdateKind.FINAL, text, self._timeline.end_s, self._timeline.seconds(speech_end), took)]
 
     def _keep_listening(self) -> list[SttUpdate]:
         """The segment that just closed was no question: wait for speech to start again."""

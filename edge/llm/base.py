@@ -1,8 +1,8 @@
-"""The LLM stage: a chat model that streams a reply, token by token, from one worker thread.
+"""The LLM stage's one protocol and its types: ``ChatModel``, ``Message``, ``ReplyStats``.
 
-``make_chat_model(cfg, gguf_path)`` loads a GGUF with llama-cpp-python (``edge-voice[llm]``).
-The prompt is rendered from the model's own chat template (see ``edge.llm_template``), and the
-KV cache is managed here, not by llama-cpp-python's chat API:
+A chat model streams a reply, token by token, from one worker thread. The prompt is rendered
+from the model's own chat template (see :mod:`edge.llm.template`), and the KV cache is managed
+by the backend, not by llama-cpp-python's chat API:
 
 * ``warm(system_prompt)`` evaluates the system prompt once; every turn reuses it (and any
   earlier turns that are still a prefix of the new prompt);
@@ -14,27 +14,28 @@ KV cache is managed here, not by llama-cpp-python's chat API:
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Protocol
+from typing import Protocol
 
-from edge.llm_template import Message
+from edge.signals import Flag
 
-if TYPE_CHECKING:
-    from edge.config import LlmConfig
+Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
-__all__ = ["ChatModel", "Message", "ReplyStats", "make_chat_model"]
+__all__ = ["ChatModel", "Message", "ReplyStats"]
 
 
 class ChatModel(Protocol):
+    #: What the last ``stream`` call did.
+    last_stats: ReplyStats
+
     def warm(self, system_prompt: str) -> None:
         """Evaluate the system prompt once; its KV is reused by every turn."""
 
-    def prefill(self, history: list[Message], user_text: str, cancel: threading.Event | None = None) -> None:
+    def prefill(self, history: list[Message], user_text: str, cancel: Flag | None = None) -> None:
         """Evaluate the next prompt as far as it is known, stopping early once ``cancel`` is set."""
 
-    def stream(self, history: list[Message], user_text: str, *, cancel: threading.Event,
+    def stream(self, history: list[Message], user_text: str, *, cancel: Flag,
                max_tokens: int | None = None, deadline: float | None = None) -> Iterator[str]:
         """Yield the reply as whole-character text pieces.
 
@@ -43,6 +44,12 @@ class ChatModel(Protocol):
         """
 
     def count_tokens(self, text: str) -> int: ...
+
+    def forget(self) -> None:
+        """Drop the whole KV cache: the next call evaluates its prompt from scratch."""
+
+    def set_sampling(self, *, temperature: float | None = None, top_p: float | None = None) -> None:
+        """New sampling settings for the next reply (a fleet ``set`` command)."""
 
     def close(self) -> None: ...
 
@@ -75,10 +82,3 @@ class ReplyStats:
         """Generation speed after the first token, counting only the model's own work."""
         n = self.generated_tokens - 1
         return n / self.generate_s if n > 0 and self.generate_s > 0 else 0.0
-
-
-def make_chat_model(cfg: "LlmConfig", gguf_path: Path) -> ChatModel:
-    """Load ``gguf_path``; raises ModelError naming the file, MissingDependency without llama_cpp."""
-    from edge.llm_llama import LlamaChatModel
-
-    return LlamaChatModel(cfg, Path(gguf_path))

@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edge.audio.chunk import SAMPLE_RATE, AudioChunk
-from edge.cpu_share import SHARE
+from edge.cpu import CpuPolicy
 from edge.errors import ModelError
-from edge.stt import (FINAL, FeedingRecognizer, PARTIAL, PAUSE, RESUME, SPEECH_START, SttUpdate, Timeline, check_chunk,
-                      closed_error, import_sherpa)
+from edge.stt.base import SttUpdate, UpdateKind
+from edge.stt.common import FeedingRecognizer, Timeline, check_chunk, closed_error, import_sherpa
 
 if TYPE_CHECKING:
     from edge.config import SttConfig
-    from edge.stt_models import SttModel
+    from edge.stt.files import SttModel
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -79,8 +79,9 @@ class StreamingRecognizer(FeedingRecognizer):
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, cfg: SttConfig, model: SttModel) -> None:
+    def __init__(self, cfg: SttConfig, model: SttModel, cpu: CpuPolicy | None = None) -> None:
         self._cfg = cfg
+        self._cpu = cpu or CpuPolicy()
         self.kind = model.kind
         t0 = time.monotonic()
         self._rec: Any = build_online_recognizer(cfg, model)
@@ -110,7 +111,7 @@ class StreamingRecognizer(FeedingRecognizer):
         self._speech_at = -1.0
         self._last_partial = ""
         self._last_partial_pos = 0
-        self._pause_text: str | None = None
+        self._pause_text = None
         self._feed_preroll(preroll)
 
     def finish(self) -> SttUpdate | None:
@@ -129,7 +130,22 @@ class StreamingRecognizer(FeedingRecognizer):
         if not text:
             return None
         end = self._timeline.end_s
-        return SttUpdate(FINAL, text, end, min(self._token_end(res), end), self._decode_s)
+        return SttUpdate(UpdateKind.FINAL, text, end, min(self._token_end(res), end), self._decode_s)
+
+    def transcribe(self, samples: np.ndarray) -> tuple[str, float]:
+        """Decode a whole utterance at once, in a stream of its own; (text, seconds)."""
+        if self._closed:
+            raise closed_error()
+        t0 = time.perf_counter()
+        with self._cpu.computing():
+            s = self._rec.create_stream()
+            s.accept_waveform(SAMPLE_RATE, samples.astype(np.float32) / 32768.0)
+            s.accept_waveform(SAMPLE_RATE, np.zeros(int(TAIL_PADDING_S * SAMPLE_RATE), np.float32))
+            s.input_finished()
+            while self._rec.is_ready(s):
+                self._rec.decode_stream(s)
+            text = self._rec.get_result_all(s).text.strip()
+        return text, time.perf_counter() - t0
 
     def close(self) -> None:
         self._closed = True
@@ -142,7 +158,7 @@ class StreamingRecognizer(FeedingRecognizer):
         if not self._rec.is_ready(self._stream):
             return False
         t0 = time.perf_counter()
-        with SHARE.busy():
+        with self._cpu.computing():
             while self._rec.is_ready(self._stream):
                 self._rec.decode_stream(self._stream)
         self._decode_s += time.perf_counter() - t0
@@ -168,29 +184,29 @@ class StreamingRecognizer(FeedingRecognizer):
         if text and self._speech_at < 0:
             first = res.start_time + (res.timestamps[0] if res.timestamps else 0.0)
             self._speech_at = self._timeline.seconds(int(first * SAMPLE_RATE))
-            out.append(SttUpdate(SPEECH_START, "", self._speech_at))
+            out.append(SttUpdate(UpdateKind.SPEECH_START, "", self._speech_at))
         end = self._timeline.end_s
         if text and self._rec.is_endpoint(self._stream):  # rule 2: words, then silence
             self._done = True
-            out.append(SttUpdate(FINAL, text, end, min(self._token_end(res), end), self._decode_s))
+            out.append(SttUpdate(UpdateKind.FINAL, text, end, min(self._token_end(res), end), self._decode_s))
             return out
         if text and end - self._speech_at >= self._cfg.max_utterance_s:
             self._done = True  # cut while still speaking
-            out.append(SttUpdate(FINAL, text, end, end, self._decode_s))
+            out.append(SttUpdate(UpdateKind.FINAL, text, end, end, self._decode_s))
             return out
         pause_s = self._cfg.pause_s
         if text and 0 < pause_s < self._cfg.endpoint_silence_s:
             if self._pause_text is not None and text != self._pause_text:
                 self._pause_text = None
-                out.append(SttUpdate(RESUME, "", end))
+                out.append(SttUpdate(UpdateKind.RESUME, "", end))
             token_end = min(self._token_end(res), end)
             if self._pause_text is None and end - token_end >= pause_s:
                 self._pause_text = text
-                out.append(SttUpdate(PAUSE, text, end, token_end, self._decode_s))
+                out.append(SttUpdate(UpdateKind.PAUSE, text, end, token_end, self._decode_s))
                 return out
         fed = self._timeline.fed
         interval = int(self._cfg.partial_interval_s * SAMPLE_RATE)
         if text and text != self._last_partial and fed - self._last_partial_pos >= interval:
             self._last_partial, self._last_partial_pos = text, fed
-            out.append(SttUpdate(PARTIAL, text, end, None, self._decode_s))
+            out.append(SttUpdate(UpdateKind.PARTIAL, text, end, None, self._decode_s))
         return out

@@ -5,19 +5,22 @@ from __future__ import annotations
 import codecs
 import concurrent.futures
 import ctypes
+import dataclasses
 import logging
 import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
-from edge import cpu_share
 from edge.config import LlmConfig
+from edge.cpu import CpuPolicy
 from edge.errors import MissingDependency, ModelError, StageError
-from edge.llm import ReplyStats
-from edge.llm_template import ChatFormat, Message, PromptBuilder, choose_format
+from edge.llm.base import Message, ReplyStats
+from edge.llm.template import ChatFormat, PromptBuilder, choose_format
+from edge.signals import Flag
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -73,17 +76,6 @@ def _install_log_hook(llama_cpp: Any) -> None:
     llama_cpp.llama_log_set(_log_hook, ctypes.c_void_p(0))
 
 
-def _after_others(cancel: threading.Event | None) -> str | None:
-    """A prefill is opportunistic: partials come while the recognizer decodes every few hundred
-    ms, and a decode beside a prefill on every core slowed from 0.17 s to 0.3 s. So each slice
-    waits until no other stage has computed for a moment (what a decode found, a pause, must
-    have time to cancel the prefill), and the prefill stops once cancelled."""
-    while (cpu_share.SHARE.idle_s() < PREFILL_AFTER_OTHERS_S
-           and not (cancel is not None and cancel.is_set())):
-        time.sleep(0.005)
-    return "cancel" if cancel is not None and cancel.is_set() else None
-
-
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -97,10 +89,11 @@ class LlamaChatModel:
     """A ChatModel over one ``llama_cpp.Llama``; all calls come from one worker thread,
     ``cancel`` may be set from any thread and ``close`` may come from another."""
 
-    def __init__(self, cfg: LlmConfig, gguf_path: Path) -> None:
+    def __init__(self, cfg: LlmConfig, gguf_path: Path, cpu: CpuPolicy | None = None) -> None:
         llama_cpp = _import_llama_cpp()
         self._lib = llama_cpp
         self.cfg = cfg
+        self._cpu = cpu or CpuPolicy(share=cfg.share_cores)
         self.path = gguf_path
         if not gguf_path.is_file():
             raise ModelError(f"{gguf_path}: LLM model file not found; install the model or fix llm.model",
@@ -152,10 +145,9 @@ class LlamaChatModel:
         self._vocab = self._lib.llama_model_get_vocab(self._llm.model)
         self._lock = threading.Lock()
         self._closed = False
-        n, nb = self._llm.n_threads, self._llm.n_threads_batch
-        # (threads, batch threads) while no other stage computes, and while one does.
-        self._threads = ((n, nb), (max(1, n - 1), max(1, nb - 1)) if cfg.share_cores else (n, nb))
-        self._threads_now = self._threads[0]
+        # (threads, batch threads) when the CPU policy lets it have every core.
+        self._threads = (self._llm.n_threads, self._llm.n_threads_batch)
+        self._threads_now = self._threads
         self._turn = 0
         self._system = cfg.system_prompt
         self.n_ctx = self._llm.n_ctx()
@@ -243,9 +235,9 @@ class LlamaChatModel:
               turn: int | None = None, prefill: bool = False) -> str | None:
         """Evaluate in slices; returns why it stopped early, or None when all were evaluated.
 
-        A prefill's slices are PREFILL_SLICE tokens, or one token on one thread fewer while another
-        stage computes or is expected to (its evaluation would be slow, and a reply may be waiting
-        behind it)."""
+        The CPU policy says how many threads each slice may use; a prefill's slices are
+        PREFILL_SLICE tokens, or one token while another stage computes or is expected to (its
+        evaluation would be slow, and a reply may be waiting behind it)."""
         i = 0
         while i < len(tokens):
             why = stopped() if stopped else None
@@ -253,17 +245,15 @@ class LlamaChatModel:
                 why = "superseded"
             if why:
                 return why
-            share = cpu_share.SHARE
-            lean = share.others_busy or (prefill and share.expected)
-            n = (1 if lean else PREFILL_SLICE) if prefill else EVAL_SLICE
+            share = self._cpu.llm_share(self._threads, prefill=prefill)
+            n = (1 if share.one_token else PREFILL_SLICE) if prefill else EVAL_SLICE
             with self._lock:
                 self._check_open()
-                self._decode(tokens[i:i + n], lean)
+                self._decode(tokens[i:i + n], share.threads)
             i += n
         return None
 
-    def _decode(self, tokens: Sequence[int], lean: bool = False) -> None:
-        threads = self._threads[1] if lean else self._threads[0]
+    def _decode(self, tokens: Sequence[int], threads: tuple[int, int]) -> None:
         if threads != self._threads_now:
             self._lib.llama_set_n_threads(self._llm.ctx, *threads)
             self._threads_now = threads
@@ -336,7 +326,7 @@ class LlamaChatModel:
         _LOGGER.info("system prompt: %d tokens (%d evaluated) in %.2f s", len(tokens), len(tokens) - n,
                      time.monotonic() - t0)
 
-    def prefill(self, history: list[Message], user_text: str, cancel: threading.Event | None = None) -> None:
+    def prefill(self, history: list[Message], user_text: str, cancel: Flag | None = None) -> None:
         self._turn += 1
         # The whole prompt as it would be if the visitor stopped now, up to the assistant's header:
         # a recognizer re-decoding the growing utterance gives whole words, and when the next
@@ -348,9 +338,14 @@ class LlamaChatModel:
             return
         tokens = self._tokenize_prompt(text)[:-1]
         n = self._reuse(tokens, keep_last=False)
-        self._eval(tokens[n:n + PREFILL_MAX_TOKENS], lambda: _after_others(cancel), prefill=True)
+        def after_others() -> str | None:
+            # Opportunistic: each slice waits until no other stage has computed for a moment.
+            quiet = self._cpu.wait_until_quiet(PREFILL_AFTER_OTHERS_S, cancel)
+            return None if quiet else "cancel"
 
-    def stream(self, history: list[Message], user_text: str, *, cancel: threading.Event,
+        self._eval(tokens[n:n + PREFILL_MAX_TOKENS], after_others, prefill=True)
+
+    def stream(self, history: list[Message], user_text: str, *, cancel: Flag,
                max_tokens: int | None = None, deadline: float | None = None) -> Iterator[str]:
         t0 = time.monotonic()
         self._turn += 1
@@ -360,7 +355,7 @@ class LlamaChatModel:
         stats = self.last_stats = ReplyStats(prompt_tokens=len(tokens), dropped_messages=dropped)
         return self._generate(tokens, max_new, cancel, deadline, turn, stats, t0)
 
-    def _generate(self, tokens: list[int], max_new: int, cancel: threading.Event, deadline: float,
+    def _generate(self, tokens: list[int], max_new: int, cancel: Flag, deadline: float,
                   turn: int, stats: ReplyStats, t0: float) -> Iterator[str]:
         def stopped() -> str | None:
             if cancel.is_set():
@@ -432,6 +427,12 @@ class LlamaChatModel:
             self._check_open()
             self._llm.reset()
             self._llm._ctx.kv_cache_clear()
+
+    def set_sampling(self, *, temperature: float | None = None, top_p: float | None = None) -> None:
+        # Read once per reply, by _sampler().
+        cfg = self.cfg
+        self.cfg = dataclasses.replace(cfg, temperature=cfg.temperature if temperature is None else temperature,
+                                       top_p=cfg.top_p if top_p is None else top_p)
 
     def count_tokens(self, text: str) -> int:
         with self._lock:

@@ -23,8 +23,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from edge.errors import EdgeError, MissingDependency
 
@@ -264,7 +265,7 @@ def write_tiny_phi3(path: Path, *, chat_template: str | None = PHI3_GGUF_CHAT_TE
     return _write_atomically(path, build)
 
 
-def _random_q4_k(rng: Any, n_rows: int, n_cols: int) -> "np.ndarray":
+def _random_q4_k(rng: Any, n_rows: int, n_cols: int) -> np.ndarray:
     """Valid Q4_K blocks with random scales and quants, as a (rows, bytes per row) uint8 array.
 
     d and dmin are fixed so every weight is finite and about N(0, 0.026²)-sized:
@@ -338,7 +339,7 @@ def write_phi3_mini_shaped(path: Path, *, seed: int = 0,
     return _write_atomically(path, build)
 
 
-_WRITERS = {"tiny-phi3": write_tiny_phi3, "phi3-mini-shaped": write_phi3_mini_shaped}
+_WRITERS: dict[str, Callable[[Path], Path]] = {"tiny-phi3": write_tiny_phi3, "phi3-mini-shaped": write_phi3_mini_shaped}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

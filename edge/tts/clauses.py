@@ -1,4 +1,4 @@
-"""Cut streamed LLM text into clauses worth speaking, and clean text for a voice.
+"""Cut streamed LLM text into clauses worth speaking.
 
 Speech should start as soon as the model has said something sayable, but a voice fed
 word by word sounds choppy. So the first clause is released at the first clause break once
@@ -11,12 +11,10 @@ Pure logic: no I/O, no threads. ``ClauseSplitter`` is used by one producer at a 
 
 from __future__ import annotations
 
-import re
-import unicodedata
-from typing import Iterator
+from collections.abc import Iterator
 
-SENTENCE_END = ".!?…"
-CLAUSE_BREAK = ",;:—–"
+from edge.tts.text import CLAUSE_BREAK, SENTENCE_END, count_words, has_words, strip_markdown
+
 # Characters that may close a sentence after its punctuation: quotes, brackets, emphasis.
 _CLOSERS = "\"'”’»)]}*_`"
 _OPENERS = "\"'“‘«([{*_`"
@@ -30,69 +28,6 @@ _NEVER_END = frozenset({
 _END_IF_CAPITAL = frozenset({
     "etc", "jr", "sr", "inc", "ltd", "co", "corp", "no", "a.m", "p.m", "u.s", "u.k", "u.s.a",
 })
-
-_BULLET_RE = re.compile(r"^\s*(?:[-*+•▪‣◦]\s+|\d{1,3}[.)]\s+|#{1,6}\s+|>\s*)+")
-_IMAGE_RE = re.compile(r"!\[[^\]]*\]\([^)]*\)")
-_LINK_RE = re.compile(r"\[([^\]]+)\]\([^)]*\)")
-_URL_RE = re.compile(r"\bhttps?://(?:www\.)?")
-_HASH_NUMBER_RE = re.compile(r"#(?=\d)")
-_SPACES_RE = re.compile(r"[ \t\f\v\u00a0]+")
-_SPACE_BEFORE_PUNCT_RE = re.compile(r"\s+([,;:.!?])")
-# Symbols a voice reads out as noise or not at all; each becomes a space.
-_DROP_CHARS = frozenset("*_`~^|\\<>{}[]\"“”„«»")
-_KEEP_SYMBOLS = frozenset("°")
-_WORD_RE = re.compile(r"[^\W_]", re.UNICODE)
-
-
-def _drop_symbol(ch: str) -> bool:
-    if ch in _KEEP_SYMBOLS:
-        return False
-    if ch in _DROP_CHARS:
-        return True
-    cat = unicodedata.category(ch)
-    if cat in ("So", "Sk", "Cs", "Co", "Cn", "Cf", "Me"):
-        return True  # emoji, pictographs, modifiers, joiners, keycaps, private use
-    if cat == "Cc":
-        return not ch.isspace()
-    cp = ord(ch)
-    return (0xFE00 <= cp <= 0xFE0F  # variation selectors
-            or 0x2190 <= cp <= 0x21FF or 0x27F0 <= cp <= 0x27FF or 0x2900 <= cp <= 0x297F  # arrows
-            or 0xE0000 <= cp <= 0xE007F)  # emoji tag characters
-
-
-def strip_markdown(text: str) -> str:
-    """Text as a voice should read it: no markdown, emoji or symbols it cannot say.
-
-    Lines become sentences (a line without final punctuation gets a period), list bullets
-    and heading marks go, links keep their text.
-    """
-    text = _IMAGE_RE.sub(" ", text)
-    text = _LINK_RE.sub(r"\1", text)
-    text = _URL_RE.sub("", text)
-    text = _HASH_NUMBER_RE.sub("number ", text)
-    text = text.replace("&", " and ").replace("```", "\n")
-    lines = []
-    for raw in text.splitlines():
-        line = _BULLET_RE.sub("", raw)
-        line = "".join(" " if _drop_symbol(ch) else ch for ch in line)
-        line = _SPACES_RE.sub(" ", line).strip()
-        if has_words(line):
-            lines.append(line)
-    out = ""
-    for line in lines:
-        if out:
-            out += " " if out[-1] in SENTENCE_END + CLAUSE_BREAK else ". "
-        out += line
-    return _SPACE_BEFORE_PUNCT_RE.sub(r"\1", out)
-
-
-def has_words(text: str) -> bool:
-    return _WORD_RE.search(text) is not None
-
-
-def count_words(text: str) -> int:
-    return sum(1 for tok in text.split() if has_words(tok))
-
 
 def _token_before(buf: str, i: int) -> tuple[str, bool]:
     """The word that ends at ``i`` (openers stripped) and whether it starts its line."""

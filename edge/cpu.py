@@ -1,0 +1,121 @@
+"""Who may use how many cores: the one policy the stages report to and the LLM asks.
+
+llama.cpp's threads meet at a barrier after every layer and wait for each other there busily:
+when another stage's thread takes a core from one of them, the others spin until it is back.
+Measured on 2 cores with the Phi-3-mini-shaped model: 19.4 tokens/s alone with 2 threads,
+7.5 tokens/s with a synthesis running beside it, 10.7 tokens/s with 1 thread either way.
+
+So the policy is:
+
+- speech-to-text and text-to-speech say when they compute (:meth:`CpuPolicy.computing`);
+- the recognizer says when a decode is likely soon (:meth:`CpuPolicy.decode_likely`): the voice
+  has gone quiet, and a decode, then a reply, usually follows;
+- the LLM asks, before each evaluation, how many threads it may use (:meth:`CpuPolicy.llm_share`):
+  all of them while nothing else computes, one fewer while something does; and a prefill (work
+  that may be thrown away) keeps to one token at a time on one thread fewer while another
+  stage computes or is expected to, and starts a slice only once no other stage has computed
+  for a moment (:meth:`CpuPolicy.wait_until_quiet`).
+
+One policy object per pipeline, made by the composition root and handed to each stage; a stage
+built alone gets its own, which changes nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from edge.signals import Flag
+
+
+@dataclass(frozen=True)
+class LlmShare:
+    """What the LLM may use for its next evaluation."""
+
+    threads: tuple[int, int]  # (generation threads, batch threads)
+    one_token: bool  # a prefill slice of one token: another stage computes or is about to
+
+
+class CpuPolicy:
+    def __init__(self, *, share: bool = True) -> None:
+        """``share``: the LLM leaves a core while another stage computes (``llm.share_cores``)."""
+        self.share = share
+        self._cond = threading.Condition()
+        self._busy = 0
+        self._idle_since = 0.0
+        self._expected_until = 0.0
+
+    # -- what the other stages report ----------------------------------------------------
+    @contextmanager
+    def computing(self) -> Iterator[None]:
+        """A stretch of computing by a stage other than the LLM (a decode, a synthesis)."""
+        with self._cond:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy -= 1
+                if not self._busy:
+                    self._idle_since = time.monotonic()
+                    self._cond.notify_all()
+
+    def decode_likely(self, seconds: float) -> None:
+        """A decode will likely start within ``seconds`` (0: no longer expected).
+
+        The recognizer says so while the voice is quiet, renewing it with every quiet chunk;
+        it lapses by itself.
+        """
+        with self._cond:
+            self._expected_until = time.monotonic() + seconds if seconds > 0 else 0.0
+
+    # -- what the LLM asks ---------------------------------------------------------------
+    def llm_share(self, full: tuple[int, int], *, prefill: bool) -> LlmShare:
+        """Threads for the next evaluation, given the LLM's own ``full`` (threads, batch threads)."""
+        lean = self.others_busy or (prefill and self.expected)
+        threads = (max(1, full[0] - 1), max(1, full[1] - 1)) if lean and self.share else full
+        return LlmShare(threads, one_token=prefill and lean)
+
+    def wait_until_quiet(self, quiet_s: float, cancel: Flag | None = None) -> bool:
+        """Wait until no other stage has computed for ``quiet_s``; False if ``cancel`` came first.
+
+        A prefill is opportunistic: partials come while the recognizer decodes every few hundred
+        ms, and a decode beside a prefill on every core slowed from 0.17 s to 0.3 s. So each
+        slice waits for a quiet moment, in which what a decode found (a pause) can cancel it.
+        """
+        undo = cancel.on_set(self._wake) if cancel is not None else None
+        try:
+            with self._cond:
+                while not (cancel is not None and cancel.is_set()):
+                    if self._busy:
+                        self._cond.wait()
+                        continue
+                    left = quiet_s - (time.monotonic() - self._idle_since)
+                    if left <= 0:
+                        return True
+                    self._cond.wait(left)
+                return False
+        finally:
+            if undo is not None:
+                undo()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- what anyone may read ------------------------------------------------------------
+    @property
+    def others_busy(self) -> bool:
+        return self._busy > 0
+
+    @property
+    def expected(self) -> bool:
+        return time.monotonic() < self._expected_until
+
+    def idle_s(self) -> float:
+        """Seconds since the last other stage stopped computing (0 while one computes)."""
+        with self._cond:
+            return 0.0 if self._busy else time.monotonic() - self._idle_since
