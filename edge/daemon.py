@@ -18,6 +18,7 @@ unreachable, listening.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -36,6 +37,11 @@ from edge.logs import MessageId, log_fields
 from edge.systemd import Notifier, Status, Watchdog
 
 _LOGGER = logging.getLogger(__name__)
+
+# A capture stream that stops delivering can wedge PortAudio: closing it then never returns (seen
+# with PulseAudio's ALSA plugin on a suspended source). Past this the device cannot be recovered
+# in this process; the daemon exits non-zero and systemd starts it afresh.
+MIC_CLOSE_TIMEOUT_S = 5.0
 
 
 class MicClock:
@@ -61,6 +67,8 @@ class Daemon:
         self.mic_state = "closed"
         self.speaker_state = "closed"
         self.mic_recoveries = 0
+        self.exit_code = 0
+        self._mic_wedged = False
         self._audio_thread: threading.Thread | None = None
         self._status_text = ""
         self._mqtt_state: str | None = None
@@ -137,7 +145,7 @@ class Daemon:
                         _LOGGER.warning("MQTT broker unreachable; events are kept on disk",
                                         extra=log_fields(message_id=MessageId.BROKER_LOST))
                     self.refresh_status()
-            return 0
+            return self.exit_code
         finally:
             self._shutdown()
 
@@ -184,6 +192,14 @@ class Daemon:
         raise AudioError("stopped before the microphone opened", code="audio.cancelled")
 
     def _audio_loop(self) -> None:
+        try:
+            self._read_audio()
+        except AudioError as err:
+            if err.code != "audio.stuck":
+                raise
+            self.exit_code = 1
+
+    def _read_audio(self) -> None:
         mic = self.mic
         assert mic is not None
         stall_s = self.cfg.audio.input_stall_s
@@ -211,14 +227,34 @@ class Daemon:
             self.clock.t = chunk.end_s
             self.pipeline.hear(chunk)
 
+    def _close_mic(self) -> bool:
+        """Close the microphone within MIC_CLOSE_TIMEOUT_S; False if it hangs (left behind)."""
+        mic = self.mic
+        if mic is None or self._mic_wedged:
+            return not self._mic_wedged
+
+        def close() -> None:
+            try:
+                mic.close()
+            except Exception:
+                _LOGGER.exception("closing the microphone failed")
+
+        closer = threading.Thread(target=close, name="mic-close", daemon=True)
+        closer.start()
+        closer.join(MIC_CLOSE_TIMEOUT_S)
+        self._mic_wedged = closer.is_alive()
+        return not self._mic_wedged
+
     def _recover_mic(self) -> None:
         """Close, say so, reopen with back-off; the status changes back when audio flows."""
         assert self.mic is not None and self.conv is not None
         self.conv.cancel(Outcome.MIC_LOST)
-        try:
-            self.mic.close()
-        except Exception:
-            _LOGGER.exception("closing the microphone failed")
+        if not self._close_mic():
+            _LOGGER.error("the microphone did not close within %.0f s: the audio system is stuck; exiting for "
+                          "systemd to restart edge-voice", MIC_CLOSE_TIMEOUT_S,
+                          extra=log_fields(stage="audio", message_id=MessageId.MIC_LOST))
+            self.stop_event.set()
+            raise AudioError("the microphone is stuck", code="audio.stuck")
         self.mic_state = "lost"
         self.mic_recoveries += 1
         self.refresh_status()
@@ -252,8 +288,7 @@ class Daemon:
         self.stop_event.set()
         if self._audio_thread is not None:
             self._audio_thread.join(timeout=3)
-        if self.mic is not None:
-            self.mic.close()
+        self._close_mic()
         self.pipeline.close()
         _LOGGER.info("stopped", extra=log_fields(message_id=MessageId.STOPPED))
 
@@ -269,4 +304,11 @@ def _log_event(event: Event) -> None:
 
 
 def run_daemon(cfg: Config) -> int:
-    return Daemon(cfg).run()
+    daemon = Daemon(cfg)
+    code = daemon.run()
+    if daemon._mic_wedged:
+        # A thread is stuck inside the audio system; the interpreter's own shutdown could hang or
+        # crash on it. Leave now, with the exit status systemd restarts on.
+        logging.shutdown()
+        os._exit(code)
+    return code

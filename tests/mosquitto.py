@@ -15,12 +15,12 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-
 from procs import stop_process
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -142,7 +142,7 @@ class Mosquitto:
         conf.write_text("\n".join(lines) + "\n")
         return conf
 
-    def start(self, timeout: float = 10.0) -> "Mosquitto":
+    def start(self, timeout: float = 10.0) -> Mosquitto:
         for _attempt in range(5):
             conf = self._write_config()
             log = open(self.log_path, "ab")
@@ -183,7 +183,7 @@ class Mosquitto:
         except FileNotFoundError:
             return ""
 
-    def __enter__(self) -> "Mosquitto":
+    def __enter__(self) -> Mosquitto:
         return self.start() if self.proc is None else self
 
     def __exit__(self, *exc: Any) -> None:
@@ -247,7 +247,7 @@ class Probe:
             self.subacks[mid] = rcs
             self._cond.notify_all()
 
-    def connect(self, timeout: float = 10.0) -> "Probe":
+    def connect(self, timeout: float = 10.0) -> Probe:
         if self.v5:
             from paho.mqtt.packettypes import PacketTypes
             from paho.mqtt.properties import Properties

@@ -22,8 +22,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import edge
 from edge.config import load_config
@@ -201,7 +202,7 @@ class DaemonProcess:
         self.lines: list[dict] = []
         self._cond = threading.Condition()
 
-    def start(self, timeout: float = 20.0) -> "DaemonProcess":
+    def start(self, timeout: float = 20.0) -> DaemonProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, __file__, "--config", str(self.config), *self.extra_args],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
@@ -258,7 +259,7 @@ class DaemonProcess:
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(5)
-            raise AssertionError(f"daemon did not stop on SIGTERM within {timeout} s")
+            raise AssertionError(f"daemon did not stop on SIGTERM within {timeout} s") from None
         finally:
             self._close_pipes()
 

@@ -15,9 +15,9 @@ import struct
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class NotifyCollector:
             except FileNotFoundError:
                 pass
 
-    def __enter__(self) -> "NotifyCollector":
+    def __enter__(self) -> NotifyCollector:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from procs import stop_process
 
 RATE = 16000  # both null sinks; PulseAudio converts whatever the clients use
@@ -84,7 +83,7 @@ class PulseServer:
         return env
 
     # -- lifecycle -------------------------------------------------------------------
-    def start(self, timeout: float = 15.0) -> "PulseServer":
+    def start(self, timeout: float = 15.0) -> PulseServer:
         require_pulseaudio()
         for d in (self.home, self.runtime):
             d.mkdir(parents=True, exist_ok=True)
@@ -134,7 +133,7 @@ class PulseServer:
         if self.proc is not None:
             stop_process(self.proc)
 
-    def __enter__(self) -> "PulseServer":
+    def __enter__(self) -> PulseServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -175,6 +174,12 @@ class PulseServer:
             out = self._pactl("load-module", "module-native-protocol-unix", "auth-anonymous=1",
                               f"socket={self.socket(name)}")
             self._modules[name] = out.stdout.strip()
+
+    def silence_mic(self, on: bool) -> None:
+        """The microphone's stream stays open but delivers nothing (the sink it listens to is
+        suspended): a capture that has gone quiet without failing."""
+        with self._lock:
+            self._pactl("suspend-sink", "micfeed", "1" if on else "0")
 
     def echo(self, on: bool, delay_ms: int = 60) -> None:
         """Route the speaker into the microphone (a loudspeaker the microphone hears), ``delay_ms`` late."""

@@ -81,10 +81,12 @@ def restrictions(state_dir: str) -> dict[str, bool]:
             _errno_of(lambda: write("/proc/sys/kernel/hostname")) in (errno.EROFS, errno.EACCES),
         "ProtectProc: other users' processes invisible": not os.path.exists("/proc/1"),
         "DevicePolicy: /dev/null usable": _errno_of(lambda: open("/dev/null", "rb").close()) == 0,
-        "DevicePolicy: /dev/kmsg denied": _errno_of(lambda: open("/dev/kmsg", "rb").close()) in (errno.EPERM, errno.EACCES),
+        "DevicePolicy: /dev/kmsg denied": _errno_of(lambda: open("/dev/kmsg", "rb").close())
+        in (errno.EPERM, errno.EACCES),
         "MemoryDenyWriteExecute: W+X mmap refused": _errno_of(
             lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)) == errno.EPERM,
-        "RestrictAddressFamilies: AF_PACKET refused": _errno_of(lambda: raw_socket(socket.AF_PACKET)) == errno.EAFNOSUPPORT,
+        "RestrictAddressFamilies: AF_PACKET refused": _errno_of(lambda: raw_socket(socket.AF_PACKET))
+        == errno.EAFNOSUPPORT,
         "RestrictAddressFamilies: AF_NETLINK refused": _errno_of(
             lambda: raw_socket(socket.AF_NETLINK, socket.SOCK_RAW)) == errno.EAFNOSUPPORT,
         "RestrictAddressFamilies: AF_UNIX allowed": _errno_of(lambda: raw_socket(socket.AF_UNIX)) == 0,

@@ -154,7 +154,7 @@ class SshServer:
         ]))
         return conf
 
-    def start(self, timeout: float = 10.0) -> "SshServer":
+    def start(self, timeout: float = 10.0) -> SshServer:
         # sshd refuses to start without its privilege separation directory.
         Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)
         last = ""

@@ -22,8 +22,8 @@ sherpa-onnx's CTC endpointing counts trailing blanks times 4 frames of 10 ms, so
 emits one output frame per 4 input frames. The "acoustics" are deliberately simple: a frame
 whose mean log-mel energy is above a threshold prefers a non-blank token chosen by a fixed
 random projection of its spectral shape, so speech yields a growing token string and silence
-yields blanks (so does quiet broadband noise) — which is what partials, endpoints and resets need to be exercised. The caches
-are carried (decayed and counted) so the state round-trip is real.
+yields blanks (so does quiet broadband noise) — which is what partials, endpoints and resets need
+to be exercised. The caches are carried (decayed and counted) so the state round-trip is real.
 
 Run as a script to write the files: ``python tests/synth_streaming.py OUT_DIR``.
 """

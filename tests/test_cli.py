@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from voice import conversation, wer
 
 from edge.audio.wav import read_wav, write_wav
 from edge.config import example_toml
-from voice import conversation, wer
 
 REPO = Path(__file__).resolve().parents[1]
 DEV = REPO / "config" / "dev.toml"

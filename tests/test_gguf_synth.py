@@ -11,14 +11,19 @@ import numpy as np
 import pytest
 
 from edge.devtools import gguf_synth
-from edge.devtools.gguf_synth import (PHI3_GGUF_CHAT_TEMPLATE, TINY_REPLY, SynthError, write_phi3_mini_shaped,
-                             write_tiny_phi3)
+from edge.devtools.gguf_synth import (
+    PHI3_GGUF_CHAT_TEMPLATE,
+    TINY_REPLY,
+    SynthError,
+    write_phi3_mini_shaped,
+    write_tiny_phi3,
+)
 
 gguf = pytest.importorskip("gguf")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _fields(path: Path) -> tuple[dict, "gguf.GGUFReader"]:
+def _fields(path: Path) -> tuple[dict, gguf.GGUFReader]:
     reader = gguf.GGUFReader(path)
     out = {}
     for name, field in reader.fields.items():
@@ -97,8 +102,8 @@ def test_cli_writes_and_reports(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert out.is_file() and str(out) in done.stdout
-    bad = subprocess.run([sys.executable, "-m", "edge.devtools.gguf_synth", "tiny-phi3", str(tmp_path / "x" / "y.gguf")],
-                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    bad = subprocess.run([sys.executable, "-m", "edge.devtools.gguf_synth", "tiny-phi3",
+                          str(tmp_path / "x" / "y.gguf")], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1
     assert bad.stderr.count("\n") == 1 and "no such directory" in bad.stderr
 

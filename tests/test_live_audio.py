@@ -20,25 +20,26 @@ import sys
 import threading
 import time
 import types
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
+from mosquitto import Mosquitto, Probe
+from notify_socket import NotifyCollector
+from procs import stop_process
+from pulse import RATE as PULSE_RATE
+from pulse import PulseServer
+from voice import Ears, conversation, wer, words
 
 from edge.audio.chunk import CHUNK_SAMPLES, SAMPLE_RATE, AudioChunk
+from edge.audio.echo import EchoGate
 from edge.audio.wav import write_wav
 from edge.config import Config, ConversationConfig, load_config
 from edge.errors import AudioError, ConfigError, EdgeError, MissingDependency
 from edge.events import Event, EventBus, EventType
-from edge.audio.echo import EchoGate
 from edge.kiosk import GpioLine, Kiosk, check_gpio_config, chime
-from mosquitto import Mosquitto, Probe
-from notify_socket import NotifyCollector
-from pulse import RATE as PULSE_RATE
-from procs import stop_process
-from pulse import PulseServer
-from voice import Ears, conversation, wer, words
 
 REPO = Path(__file__).resolve().parents[1]
 DEV = REPO / "config" / "dev.toml"
@@ -216,7 +217,9 @@ def test_gpio_without_the_gpiod_package_is_one_clear_error(monkeypatch) -> None:
 def _gpiod_standin(events: list[list[bool]], initial: bool) -> tuple[types.ModuleType, dict[str, Any]]:
     """The slice of the gpiod v2 API GpioLine uses; records the request and serves edge events."""
     seen: dict[str, Any] = {"released": False}
-    enum = lambda name, *members: type(name, (), {m: f"{name}.{m}" for m in members})
+    def enum(name: str, *members: str) -> type:
+        return type(name, (), {m: f"{name}.{m}" for m in members})
+
     line_mod = types.ModuleType("gpiod.line")
     line_mod.Bias = enum("Bias", "AS_IS", "PULL_UP", "PULL_DOWN", "DISABLED")
     line_mod.Direction = enum("Direction", "INPUT")
@@ -289,7 +292,7 @@ class LiveDaemon:
     """`edge-voice run` on the dev models with PulseAudio devices, MQTT and a notify socket."""
 
     def __init__(self, tmp: Path, pulse: PulseServer, broker: Mosquitto, notify: NotifyCollector,
-                 **sections: dict[str, Any]) -> None:
+                 env: dict[str, str] | None = None, **sections: dict[str, Any]) -> None:
         self.tmp = tmp
         cfg = {"device": {"id": DEVICE},
                "audio": {"input_device": "kiosk_mic", "output_device": "kiosk_speaker", "reopen_backoff_max_s": 1.0},
@@ -303,12 +306,12 @@ class LiveDaemon:
         self.config = tmp / "live.toml"
         self.config.write_text(text)
         self.log_path = tmp / "daemon.log"
-        env = pulse.client_env
-        env.update(notify.env, EDGE_VOICE_STATE_DIR=str(tmp / "state"),
-                   EDGE_VOICE_DEVICE__MODELS_DIR=str(_models_root()), PYTHONPATH=str(REPO))
+        environ = pulse.client_env
+        environ.update(notify.env, EDGE_VOICE_STATE_DIR=str(tmp / "state"),
+                       EDGE_VOICE_DEVICE__MODELS_DIR=str(_models_root()), PYTHONPATH=str(REPO), **(env or {}))
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(self.config)],
-                                         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log)
+                                         cwd=REPO, env=environ, stdout=subprocess.DEVNULL, stderr=log)
 
     def stop(self) -> int | None:
         stop_process(self.proc, 30)
@@ -324,8 +327,8 @@ class Rig:
         self.tmp, self.pulse, self.broker, self.probe, self.notify = tmp, pulse, broker, probe, notify
         self.daemon: LiveDaemon | None = None
 
-    def start(self, **sections: dict[str, Any]) -> LiveDaemon:
-        self.daemon = LiveDaemon(self.tmp, self.pulse, self.broker, self.notify, **sections)
+    def start(self, env: dict[str, str] | None = None, **sections: dict[str, Any]) -> LiveDaemon:
+        self.daemon = LiveDaemon(self.tmp, self.pulse, self.broker, self.notify, env, **sections)
         self.notify.wait_for("READY", "1", timeout=90)
         return self.daemon
 
@@ -418,6 +421,31 @@ def test_run_answers_from_the_capture_device_and_survives_losing_it(rig: Rig) ->
 
 
 @pytest.mark.slow
+def test_a_silent_capture_stops_the_watchdog_pings_and_the_daemon_restarts_when_it_is_stuck(rig: Rig) -> None:
+    # The PyAudio microphone's stream stays open but delivers nothing (PortAudio's read times out
+    # every 0.5 s): no chunk is progress, so no ping. After audio.input_stall_s it is closed to be
+    # reopened; on this PulseAudio the close itself never returns (the capture is wedged), so the
+    # daemon exits non-zero for systemd to restart it, well before the watchdog would.
+    daemon = rig.start(env={"WATCHDOG_USEC": "1000000"}, audio={"input_stall_s": 3.0})  # a ping every 0.5 s
+    ready = rig.notify.wait_for("READY", "1", timeout=5)
+    pinging = rig.notify.wait_for("WATCHDOG", "1", timeout=5, after=ready.time)
+    rig.notify.wait_for("WATCHDOG", "1", timeout=5, after=pinging.time)
+    rig.pulse.silence_mic(True)
+    silent_at = time.monotonic()
+    time.sleep(1.2)  # > 2 ping periods: a ping earned before the silence has gone out
+    quiet_from = time.monotonic()
+    code = daemon.proc.wait(timeout=30)
+    rig.daemon = None  # ended by itself: nothing for the fixture to stop
+    gone = time.monotonic()
+    log = daemon.log()
+    assert code == 1, log[-3000:]
+    assert rig.notify.count("WATCHDOG", "1", since=quiet_from, until=gone) == 0, "pinged while nothing was heard"
+    assert "microphone delivered nothing for 3.0 s" in log and "the microphone did not close" in log, log[-3000:]
+    assert gone - silent_at < 3.0 + 5.0 + 10.0, "it took longer than input_stall_s and the close timeout"
+    assert "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.slow
 def test_a_lost_speaker_is_noticed_while_idle_and_comes_back(rig: Rig) -> None:
     speaker_out = rig.pulse.record(rig.tmp / "speaker.raw")
     daemon = rig.start()
@@ -495,8 +523,9 @@ def test_devices_lists_the_configured_devices_with_rates_and_channels(tmp_path: 
     cfg.write_text('[audio]\ninput_device = "kiosk_mic"\noutput_device = "kiosk_speaker"\n')
     with PulseServer(tmp_path / "pulse") as pulse:
         env = pulse.client_env
-        run = lambda *a: subprocess.run([sys.executable, "-m", "edge", "devices", *a], cwd=REPO, env=env,
-                                        capture_output=True, text=True, timeout=60)
+        def run(*a: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "edge", "devices", *a], cwd=REPO, env=env,
+                                  capture_output=True, text=True, timeout=60)
         out = run("--config", str(cfg))
         assert out.returncode == 0, out.stderr
         lines = out.stdout.splitlines()
@@ -583,8 +612,8 @@ class EventLog:
 
 @pytest.mark.slow
 def test_handset_off_hook_greets_and_listens_on_hook_forgets(tmp_path: Path, monkeypatch) -> None:
-    from edge.daemon import Daemon
     from edge.audio.wav import read_wav
+    from edge.daemon import Daemon
 
     models = _models_root()
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)

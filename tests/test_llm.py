@@ -9,15 +9,15 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 
-from edge.signals import CancelScope
 from edge.config import LlmConfig
-from edge.errors import ModelError, StageError
 from edge.devtools.gguf_synth import PHI3_GGUF_CHAT_TEMPLATE, TINY_REPLY, TINY_REPLY_PIECES, write_tiny_phi3
+from edge.errors import ModelError, StageError
 from edge.llm.template import PHI3_TEMPLATE, PromptBuilder, choose_format, clean_content
+from edge.signals import CancelScope
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -52,7 +52,8 @@ def test_chatml_template_from_the_gguf_is_kept() -> None:
     assert (fmt.family, fmt.origin, fmt.merge_system) == ("chatml", "gguf", False)
     assert "<|im_end|>" in fmt.stop_texts
     b = PromptBuilder(fmt, bos_token="", eos_token="<|endoftext|>")
-    assert b.prompt("S", [], "Q") == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
+    assert b.prompt("S", [], "Q") == ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n"
+                                      "<|im_start|>assistant\n")
 
 
 def test_a_template_without_system_support_gets_the_system_prompt_in_the_first_user_turn() -> None:

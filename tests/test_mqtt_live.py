@@ -16,11 +16,11 @@ import time
 import wave
 from pathlib import Path
 
-
-from edge.audio.wav import write_wav
 from mosquitto import Mosquitto, Probe
 from procs import stop_process
 from voice import conversation, wer
+
+from edge.audio.wav import write_wav
 
 REPO = Path(__file__).resolve().parents[1]
 DEV = REPO / "config" / "dev.toml"

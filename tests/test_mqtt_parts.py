@@ -10,8 +10,14 @@ import pytest
 
 from edge.errors import ConfigError
 from edge.mqtt.discovery import discovery_messages
-from edge.mqtt.metrics import (HostMetrics, parse_meminfo, parse_proc_stat_cpu, parse_self_stat_cpu,
-                               parse_status_rss, read_temperatures)
+from edge.mqtt.metrics import (
+    HostMetrics,
+    parse_meminfo,
+    parse_proc_stat_cpu,
+    parse_self_stat_cpu,
+    parse_status_rss,
+    read_temperatures,
+)
 from edge.mqtt.topics import Topics
 
 

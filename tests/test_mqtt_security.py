@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
+from mosquitto import Cert, Mosquitto, Probe, make_ca, make_cert
+from mqtt_daemon import RecordingController
 
 from edge.config import MqttConfig
 from edge.errors import ConfigError
 from edge.events import Event, EventType
 from edge.mqtt import MqttBridge
-from mosquitto import Cert, Mosquitto, Probe, make_ca, make_cert
-from mqtt_daemon import RecordingController
 
 
 @pytest.fixture(scope="module")

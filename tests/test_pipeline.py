@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from voice import Ears, conversation, wer, words
 
 from edge.audio.wav import write_wav
 from edge.config import load_config
 from edge.simulate import simulate
-from voice import Ears, conversation, wer, words
 
 REPO = Path(__file__).resolve().parents[1]
 DEV = REPO / "config" / "dev.toml"
@@ -125,8 +125,8 @@ def test_streaming_engine_runs_in_the_pipeline(tmp_path: Path) -> None:
     """The production STT engine, on a random-weight streaming model: partials and an endpoint."""
     from synth_streaming import build_nemo_ctc_streaming
 
-    from edge.config import SttConfig
     from edge.app import load_stages
+    from edge.config import SttConfig
     from edge.cpu import CpuPolicy
     from edge.stt import make_recognizer
 

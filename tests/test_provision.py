@@ -10,6 +10,7 @@ against a real Mosquitto broker (tests/mosquitto.py).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.machinery
 import importlib.util
 import json
@@ -20,12 +21,11 @@ import stat
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
-
+import tomllib
 from sshd import HOST, SshServer, free_port, make_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,10 +76,15 @@ def models_root() -> Path:
 
 @pytest.fixture(scope="module")
 def wheel_cache() -> Path:
+    """The folder of the llama-cpp-python wheel scripts/setup built and installed for this machine:
+    the test "devices" are this machine, so it runs there, and nothing is compiled again."""
     cache = Path(os.environ.get("EDGE_VOICE_WHEEL_CACHE") or Path.home() / ".cache/edge-voice/wheels")
-    if not list(cache.glob(f"llama_cpp_python-{prov.llama_version()}-*.whl")):
-        pytest.fail(f"no llama-cpp-python wheel in {cache}: run scripts/setup (it builds one once)")
-    return cache
+    stamp = REPO / ".venv" / ".llama-cpp-python-wheel"
+    installed = stamp.read_text().strip() if stamp.is_file() else ""
+    for wheel in sorted(cache.rglob(f"llama_cpp_python-{prov.llama_version()}-*.whl")):
+        if hashlib.sha256(wheel.read_bytes()).hexdigest() == installed:
+            return wheel.parent
+    pytest.fail(f"the llama-cpp-python wheel installed in .venv is not in {cache}: run scripts/setup")
 
 
 def run(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -256,6 +261,14 @@ def test_dry_run_on_a_fresh_root_lists_the_plan_and_creates_nothing(setup: Setup
     assert "systemd-sysusers" in s["user"][1] and "/opt/edge-voice/venv" in s["venv"][1]
     assert "dry run: nothing was changed" in proc.stdout
     assert not root.exists()
+    # Without a wheel anywhere, a device of this machine's kind gets a portable wheel built here,
+    # once, rather than compiling on every device; a dry run only says so.
+    empty = setup.work / "empty-cache"
+    proc = setup.provision(root, "--dry-run", "--wheel-cache", empty)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = steps(proc.stdout)
+    assert s["llama"][0] == "would change" and "would build a portable one on this machine" in s["llama"][1]
+    assert not root.exists() and not empty.exists()
 
 
 def test_dry_run_reports_drift_without_repairing_it_and_a_run_repairs_it(installed, setup: Setup) -> None:
@@ -300,7 +313,7 @@ def test_models_state_is_checked_with_the_installed_edge_voice(installed, setup:
     root, _ = installed
     req = {"action": "models-fetch", "root": str(root), "apply": False, "venv": prov.VENV, "profile": "dev",
            "mirror": None, "mirror_pushed": False}
-    assert on_device(setup, req) == {"status": "ok", "detail": "5 models of profile dev installed and current"}
+    assert on_device(setup, req) == {"status": "ok", "detail": "6 models of profile dev installed and current"}
     target = next((root / "var/lib/edge-voice/models/whisper-tiny-en/versions").glob("*/tiny.en-tokens.txt"))
     st = target.stat()
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))

@@ -13,17 +13,17 @@ import shutil
 import subprocess
 import sys
 import wave
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pytest
 
 from edge.audio.chunk import SAMPLE_RATE, AudioChunk, resample
-from edge.stt import vad as stt_vad
 from edge.config import SttConfig
 from edge.errors import AudioError, ConfigError, ModelError, StageError
 from edge.stt import Recognizer, SttUpdate, UpdateKind, make_recognizer
+from edge.stt import vad as stt_vad
 from edge.stt.common import Timeline, clean_transcript
 from edge.stt.files import identify_stt_model, identify_vad_model, read_onnx_info, read_tokens
 
@@ -557,7 +557,8 @@ def test_one_decode_between_the_last_sound_and_the_pause(whisper_files: dict[str
     last_sound = int(0.6 * SAMPLE_RATE) + int(np.flatnonzero(np.abs(speech) > 300)[-1])
     pause = next(u for u in updates if u.kind == PAUSE)
     after = [e for e in ends if e > last_sound]
-    assert len(after) == 1, f"decodes {[round((e - last_sound) / SAMPLE_RATE, 2) for e in after]} s after the last sound"
+    late = [round((e - last_sound) / SAMPLE_RATE, 2) for e in after]
+    assert len(after) == 1, f"decodes {late} s after the last sound"
     assert after[0] - last_sound <= 0.15 * SAMPLE_RATE  # as soon as the voice went quiet
     assert pause.decode_s == 0.0 and updates[-1].text == pause.text
     assert wer("where is the nearest train station", pause.text)[0] == 0

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from notify_socket import NotifyCollector
 
 from edge.logs import MessageId
 from edge.systemd import Notifier, Status, Watchdog, socket_address
-from notify_socket import NotifyCollector
 
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = REPO / "tests" / "notify_standin.py"

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.signals import CancelScope
 from edge.audio.chunk import resample
 from edge.config import TtsConfig
 from edge.errors import ConfigError, ModelError, StageError
 from edge.models.piper import prepare_piper_voice
-from edge.tts.phonemize import Phonemizer
+from edge.signals import CancelScope
 from edge.tts import make_synthesizer
+from edge.tts.phonemize import Phonemizer
 from edge.tts.sherpa import SherpaSynthesizer, check_tokens
 from edge.tts.text import normalize_for_speech
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import functools
 import re
-import threading
 
 import numpy as np
 
-from edge.signals import CancelScope
 from edge.audio.chunk import SAMPLE_RATE, resample
+from edge.signals import CancelScope
 
 
 @functools.lru_cache(maxsize=1)

@@ -25,7 +25,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 (JetPack 6)
     import tomli as tomllib
 
-KINDS = ("wake", "vad", "stt-streaming", "stt-offline", "llm", "tts")
+KINDS = ("wake", "vad", "stt-streaming", "stt-offline", "llm", "tts", "embedding")
 PREPARE_STEPS = ("piper",)
 SOURCE_TYPES = ("url", "archive", "pypi", "mirror")
 
