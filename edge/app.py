@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge import __version__
+import numpy as np
+
+from edge import __version__, paths
 from edge.audio.base import Clock, Speaker
 from edge.audio.chunk import AudioChunk
 from edge.audio.echo import EchoGate
@@ -31,7 +33,10 @@ from edge.cpu import CpuPolicy
 from edge.errors import EdgeError, ModelError
 from edge.events import EventBus
 from edge.kiosk import Kiosk
+from edge.knowledge.matcher import Embedder
+from edge.knowledge.venue import Venue
 from edge.llm.base import ChatModel
+from edge.signals import CancelScope
 from edge.stt.base import Recognizer
 from edge.tts.base import Synthesizer
 from edge.wake.base import WakeDetector
@@ -42,7 +47,7 @@ if TYPE_CHECKING:
 
 _LOGGER = logging.getLogger(__name__)
 
-ROLES = ("wake", "stt", "vad", "llm", "tts")
+ROLES = ("wake", "stt", "vad", "llm", "lora", "tts", "faq")
 RELOAD_TIMEOUT_S = 30.0
 
 
@@ -52,7 +57,9 @@ class Stages:
     recognizer: Recognizer | None = None
     chat: ChatModel | None = None
     synth: Synthesizer | None = None
+    embedder: Embedder | None = None  # sentence embeddings for the venue's FAQ matcher
     load_ms: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)  # role -> installed model version
 
     def close(self) -> None:
         for stage in (self.wake, self.recognizer, self.chat, self.synth):
@@ -92,7 +99,7 @@ def load_stages(cfg: Config, cpu: CpuPolicy, roles: tuple[str, ...] = ROLES, *,
     """Load each stage the config names. ``llm_path`` loads that GGUF instead of ``llm.model``
     (the benchmark's random-weight models)."""
     models = resolve_models(cfg, tuple(r for r in roles if not (r == "llm" and llm_path is not None)))
-    stages = Stages()
+    stages = Stages(versions={role: m.version for role, m in models.items()})
 
     def timed(role: str, load: Callable[[], Any]) -> Any:
         t0 = time.monotonic()
@@ -115,11 +122,19 @@ def load_stages(cfg: Config, cpu: CpuPolicy, roles: tuple[str, ...] = ROLES, *,
             from edge.llm import make_chat_model
 
             path = llm_path or _gguf(models["llm"])
-            stages.chat = timed("llm", lambda: make_chat_model(cfg.llm, path, cpu=cpu))
+            adapter = _gguf(models["lora"]) if "lora" in models else None
+            state_dir = paths.cache_dir() / "llm-state" if cfg.knowledge.save_prompt_state else None
+            stages.chat = timed("llm", lambda: make_chat_model(cfg.llm, path, cpu=cpu, adapter=adapter,
+                                                               state_dir=state_dir))
         if "tts" in models:
             from edge.tts import make_synthesizer
 
             stages.synth = timed("tts", lambda: make_synthesizer(cfg.tts, dict(models["tts"].files), cpu=cpu))
+        if "faq" in models:
+            from edge.knowledge.embed import MiniLM
+
+            faq = models["faq"]
+            stages.embedder = timed("faq", lambda: MiniLM(faq.path("model"), faq.path("vocab")))
     except BaseException:
         stages.close()
         raise
@@ -131,6 +146,11 @@ def _gguf(model: InstalledModel) -> Path:
         if name.endswith(".gguf"):
             return path
     raise ModelError(f"model {model.id!r} has no .gguf file", code="model.bad")
+
+
+def _speak(synth: Synthesizer, text: str) -> np.ndarray:
+    pieces = list(synth.synthesize(text, CancelScope()))
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int16)
 
 
 class LogStatus:
@@ -160,6 +180,7 @@ class Pipeline:
         self.speaker: Speaker | None = None
         self.conv: Conversation | None = None
         self.kiosk: Kiosk | None = None
+        self.venue: Venue | None = None
         self.bridge: MqttBridge | None = None
         self.started = time.monotonic()
         self._extra_metrics: Callable[[], dict[str, Any]] = dict
@@ -192,20 +213,43 @@ class Pipeline:
         self.bridge = bridge
 
     def open(self, speaker: Speaker) -> Conversation:
-        """The conversation, speaking through ``speaker``; the LLM's system prompt evaluated."""
+        """The conversation, speaking through ``speaker``, with the venue's knowledge; the LLM's
+        system prompt evaluated (or loaded from disk)."""
         stages = self.load()
         self.speaker = speaker
+        self.venue = self._venue(stages)
         conv = Conversation(self.cfg, bus=self.bus, clock=self.clock, speaker=speaker, wake=stages.wake,
-                            recognizer=stages.recognizer, chat=stages.chat, synth=stages.synth)
+                            recognizer=stages.recognizer, chat=stages.chat, synth=stages.synth, venue=self.venue)
         self.kiosk = Kiosk(self.cfg, conv, speaker, self.gate)
         self.bus.subscribe(self.kiosk.on_event)
         if stages.wake is not None:
             stages.wake.reset()
         if stages.chat is not None:
             self.status_sink.status("warming the language model")
-            stages.chat.warm(self.cfg.llm.system_prompt)
+            stages.chat.warm(self.venue.base_prompt() if self.venue is not None else self.cfg.llm.system_prompt)
         self.conv = conv
         return conv
+
+    def _venue(self, stages: Stages) -> Venue | None:
+        """The venue of ``[knowledge] pack``: its FAQ answers synthesized (once, kept on disk) and
+        the LLM's grounding. A pack that fails its check stops the start with its first problem."""
+        k = self.cfg.knowledge
+        if not k.pack:
+            return None
+        from edge.knowledge.store import resolve_pack
+        from edge.knowledge.venue import AnswerAudio, build_venue
+
+        self.status_sink.status("loading the venue's knowledge")
+        pack = resolve_pack(k.pack, self.cfg.packs_dir)
+        synth, chat = stages.synth, stages.chat
+        audio = None
+        if synth is not None:
+            tts = self.cfg.tts
+            voice = f"{tts.model}@{stages.versions.get('tts', '')}/{tts.speaker_id}/{tts.speed}"
+            audio = AnswerAudio(paths.cache_dir() / "faq-audio", voice, lambda text: _speak(synth, text))
+        return build_venue(pack, faq=k.faq, embedder=stages.embedder,
+                           count_tokens=chat.count_tokens if chat is not None else None,
+                           budget_tokens=k.prompt_budget_tokens, answer_audio=audio)
 
     def start(self) -> None:
         assert self.conv is not None

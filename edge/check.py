@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 from typing import TextIO
 
 from edge.config import Config
@@ -19,8 +20,31 @@ BACKENDS = {
     "stt": ("sherpa_onnx", "stt"),
     "vad": ("sherpa_onnx", "stt"),
     "llm": ("llama_cpp", "llm"),
+    "lora": ("llama_cpp", "llm"),
     "tts": ("sherpa_onnx", "tts"),
+    "faq": ("numpy", "device"),
 }
+
+
+def _check_pack(cfg: Config, out: TextIO) -> bool:
+    """The venue's pack: every problem, with its file and line."""
+    from edge.errors import EdgeError
+    from edge.knowledge import check
+    from edge.knowledge.store import PackStore
+
+    spec = cfg.knowledge.pack
+    try:
+        root = Path(spec) if "/" in spec else PackStore(cfg.packs_dir).resolve(spec).pack.root
+    except EdgeError as err:
+        print(f"BAD      knowledge: {err.message}", file=out)
+        return False
+    problems = check(root)
+    for p in problems:
+        print(f"{'BAD' if p.severity == 'error' else 'WARNING':8} knowledge: {p}", file=out)
+    if any(p.severity == "error" for p in problems):
+        return False
+    print(f"ok       knowledge: pack {spec} ({sum(p.severity == 'warning' for p in problems)} warning(s))", file=out)
+    return True
 
 
 def run_check(cfg: Config, out: TextIO = sys.stdout) -> int:
@@ -49,5 +73,7 @@ def run_check(cfg: Config, out: TextIO = sys.stdout) -> int:
     if cfg.wake.engine != "none" and "wake" not in cfg.model_ids():
         ok = False
         print("MISSING  wake: no model id configured ([wake] model)", file=out)
+    if cfg.knowledge.pack:
+        ok = _check_pack(cfg, out) and ok
     print("check passed" if ok else "check FAILED", file=out)
     return 0 if ok else 1

@@ -61,13 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip measuring plain llama-cpp-python for the generation-speed comparison")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning")
 
+    p = sub.add_parser("eval", help="ask a venue's questions through the pipeline and score the answers")
+    _add_config(p)
+    p.add_argument("--questions", "-q", required=True, metavar="FILE",
+                   help="question file (TOML; see the README); a file inside a pack directory brings the pack")
+    p.add_argument("--audio", action="store_true",
+                   help="speak each question with the voice and hear it with the wake word and STT")
+    p.add_argument("--json", action="store_true", help="print the figures and every answer as JSON")
+
     p = sub.add_parser("devices", help="list audio devices with their rates and channels")
     p.add_argument("--config", "-c", metavar="FILE", help="also show which devices this config selects")
     p.add_argument("--json", action="store_true", help="print the list as JSON")
 
+    from edge.knowledge.cli import add_packs_parser
     from edge.models.cli import add_models_parser
 
     add_models_parser(sub)
+    add_packs_parser(sub)
     return parser
 
 
@@ -97,6 +107,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from edge.models.cli import run_models
 
         return run_models(args)
+    if cmd == "packs":
+        from edge.knowledge.cli import run_packs
+
+        return run_packs(args)
     if cmd == "simulate":
         from edge.simulate import simulate, summary_lines
 
@@ -118,6 +132,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.plot:
             plot_waterfall(report, args.plot)
         print(json.dumps(report, indent=2) if args.json else format_report(report))
+        return 0
+    if cmd == "eval":
+        import json
+
+        from edge.evaluate import run_eval
+
+        cfg = _load(args)
+        scored = run_eval(cfg, args.questions, audio=args.audio)
+        print(json.dumps(scored.as_dict(), indent=2) if args.json else "\n".join(scored.summary_lines()))
         return 0
     if cmd == "devices":
         from edge.audio.devices import run_devices

@@ -159,6 +159,9 @@ class LlmConfig:
     session_idle_s: float = opt(120.0, "Forget the conversation after this long without a turn.",
                                 min=0.0, max=86400.0)
     fallback_reply: str = opt("Sorry, I have no answer to that.", "Spoken when the model produces nothing.")
+    adapter: str = opt("", "A LoRA adapter for this model (a manifest model id of kind lora, a GGUF adapter "
+                       "made for llm.model); empty: none.")
+    adapter_scale: float = opt(1.0, "How strongly the adapter applies (1: as trained).", min=0.0, max=4.0)
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,21 @@ class ConversationConfig:
 
 
 @dataclass(frozen=True)
+class KnowledgeConfig:
+    pack: str = opt("", "The venue's knowledge pack: the id of a pack installed with `edge-voice packs install`, or "
+                    "a pack directory. Empty: no venue knowledge (the LLM is told llm.system_prompt).")
+    faq: bool = opt(True, "Answer a question that matches one of the pack's FAQ entries with that entry's answer "
+                    "(synthesized ahead of time), without the LLM.")
+    faq_model: str = opt("minilm-l6-v2", "Sentence-embedding model id (manifest) for the FAQ matcher; empty: "
+                         "word overlap only (fewer paraphrases recognised).")
+    prompt_budget_tokens: int = opt(1200, "The most tokens of facts that go into the LLM's system prompt. A pack "
+                                    "within it gets one prompt for every question, evaluated once; a larger "
+                                    "pack gets the facts most relevant to each question.", min=50, max=32768)
+    save_prompt_state: bool = opt(True, "Keep the evaluated system prompt (the LLM's KV cache) on disk, so a "
+                                  "restart loads it instead of evaluating the pack's facts again.")
+
+
+@dataclass(frozen=True)
 class MqttConfig:
     enabled: bool = opt(False, "Connect to an MQTT broker.")
     host: str = opt("localhost", "Broker host name.")
@@ -237,6 +255,7 @@ class Config:
     llm: LlmConfig = field(default_factory=LlmConfig)
     tts: TtsConfig = field(default_factory=TtsConfig)
     conversation: ConversationConfig = field(default_factory=ConversationConfig)
+    knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = field(default="<defaults>", compare=False)
@@ -261,6 +280,11 @@ class Config:
     def device_id(self) -> str:
         return self.mqtt.device_id or self.device.device_id
 
+    @property
+    def packs_dir(self) -> Path:
+        """Installed knowledge packs: <state_dir>/packs."""
+        return self.state_dir / "packs"
+
     def model_ids(self) -> dict[str, str]:
         """The model ids this config needs, by role."""
         ids = {}
@@ -270,7 +294,11 @@ class Config:
         if self.stt.engine == "vad-offline":
             ids["vad"] = self.stt.vad_model
         ids["llm"] = self.llm.model
+        if self.llm.adapter:
+            ids["lora"] = self.llm.adapter
         ids["tts"] = self.tts.model
+        if self.knowledge.pack and self.knowledge.faq:
+            ids["faq"] = self.knowledge.faq_model
         return {k: v for k, v in ids.items() if v}
 
 

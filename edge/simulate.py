@@ -43,6 +43,11 @@ class FeedClock:
     def advance(self, n: int) -> None:
         self._samples += n
 
+    @property
+    def samples(self) -> int:
+        """Samples delivered so far: where the next chunk starts on the timeline."""
+        return self._samples
+
     def now(self) -> float:
         return self._samples / SAMPLE_RATE
 
@@ -75,13 +80,16 @@ def feed_wav(conv: Conversation, clock: FeedClock, samples: np.ndarray, *, realt
     """Feed ``samples`` as the microphone, then silence until the conversation is idle.
 
     ``hear(chunk, wait)`` hands a chunk on (default: straight to ``conv``); with ``wait`` it
-    returns once the chunk has been handled, so the file never runs ahead of the pipeline.
+    returns once the chunk has been handled, so the file never runs ahead of the pipeline. The
+    chunks continue the clock's timeline (a second file fed to the same pipeline comes after the
+    first).
     """
     if hear is None:
         def hear(chunk: AudioChunk, wait: bool) -> None:
             conv.process(chunk) if wait else conv.feed(chunk)
 
     pos = 0
+    origin = clock.samples
     n_real = len(samples)
     tail_limit = n_real + int(max_tail_s * SAMPLE_RATE)
     due = time.monotonic()
@@ -104,7 +112,7 @@ def feed_wav(conv: Conversation, clock: FeedClock, samples: np.ndarray, *, realt
                 time.sleep(delay)
             due += CHUNK_SAMPLES / SAMPLE_RATE
         paced_last = paced
-        chunk = AudioChunk(block, pos, SAMPLE_RATE, time.monotonic())
+        chunk = AudioChunk(block, origin + pos, SAMPLE_RATE, time.monotonic())
         clock.advance(CHUNK_SAMPLES)
         hear(chunk, not paced)  # lock-step while nobody waits: never run ahead of the pipeline
         pos += CHUNK_SAMPLES

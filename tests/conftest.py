@@ -119,3 +119,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             where = r.longrepr[2] if isinstance(r.longrepr, tuple) else str(r.longrepr)
             reporter.write_line(f"  {r.nodeid}: {where}", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def venue_cache(tmp_path_factory) -> Path:
+    """A cache directory (EDGE_VOICE_CACHE_DIR) the venue tests share: the sample pack's FAQ
+    answers are synthesized once per test run, as a device does once per voice and answer."""
+    return tmp_path_factory.mktemp("venue-cache")

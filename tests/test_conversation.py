@@ -124,6 +124,7 @@ class FakeChat:
         self.fail = fail
         self.prefills: list[str] = []
         self.calls: list[tuple[list, str]] = []
+        self.systems: list[str | None] = []
         self.stopped_by_cancel = threading.Event()
         self.words_said = 0
         self.last_stats = ReplyStats()
@@ -131,12 +132,13 @@ class FakeChat:
     def warm(self, system_prompt: str) -> None:
         pass
 
-    def prefill(self, history, user_text: str, cancel=None) -> None:
+    def prefill(self, history, user_text: str, cancel=None, *, system=None) -> None:
         self.prefills.append(user_text)
         self.prefill_cancel = cancel
 
-    def stream(self, history, user_text, *, cancel, max_tokens=None, deadline=None):
+    def stream(self, history, user_text, *, cancel, max_tokens=None, deadline=None, system=None):
         self.calls.append((list(history), user_text))
+        self.systems.append(system)
         self.last_stats = ReplyStats()
         if self.fail:
             raise StageError("model exploded", code="llm.failed")
@@ -549,3 +551,74 @@ def test_later_clauses_wait_while_the_llm_generates_and_the_speaker_has_audio() 
         assert not waiter.is_alive()
     finally:
         speaker.close()
+
+
+# -- the venue: FAQ answers ready to play, the LLM's prompt per question -------------------------
+
+class FakeVenue:
+    """Answers any question with "open" in it from its FAQ; gives other questions their own prompt."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        self.audio = np.full(int(16000 * 0.4), 77, dtype=np.int16)
+
+    def faq(self, question: str):
+        from edge.knowledge.venue import FaqAnswer
+
+        self.asked.append(question)
+        return FaqAnswer("hours", "We open at ten.", self.audio) if "open" in question else None
+
+    def system_prompt(self, question: str) -> str:
+        return f"facts for: {question}"
+
+
+class SayingRecognizer(FakeRecognizer):
+    """Says ``first`` at the pause and ``final`` at the endpoint (the visitor may go on)."""
+
+    def __init__(self, first: str, final: str) -> None:
+        super().__init__(pause_after=3)
+        self.first, self.final = first, final
+
+    def accept(self, chunk: AudioChunk) -> list[SttUpdate]:
+        out = []
+        for u in super().accept(chunk):
+            text = {"pause": self.first, "final": self.final}.get(u.kind.value, u.text)
+            out.append(SttUpdate(u.kind, text, u.audio_time, u.speech_end))
+        return out
+
+
+def _venue_conversation(recognizer: FakeRecognizer):
+    chat, venue = FakeChat(delay=0.0), FakeVenue()
+    conv, clock, events, speaker = make(chat=chat, recognizer=recognizer)
+    conv.venue = venue
+    return conv, clock, events, speaker, chat, venue
+
+
+def test_an_faq_question_is_answered_from_the_ready_audio_at_the_pause_without_the_llm() -> None:
+    rec = SayingRecognizer("When do you open?", "When do you open?")
+    conv, clock, events, speaker, chat, venue = _venue_conversation(rec)
+    run(conv, clock, audio((WAKE, 0.3), (SILENCE, 0.1), (SPEECH, 0.6), (SILENCE, 0.6)))
+    assert chat.calls == [], "the LLM was asked an FAQ question"
+    assert venue.asked[0] == "When do you open?"
+    kinds = types(events)
+    assert kinds.index("transcript.final") < kinds.index("tts.start")  # held until the question was final
+    reply = next(e for e in events if e.type.value == "reply.final")
+    assert reply.data["text"] == "We open at ten." and reply.data["path"] == "faq" and reply.data["faq_id"] == "hours"
+    end = next(e for e in events if e.type.value == "turn.end")
+    assert end.data["outcome"] == "done" and end.data["path"] == "faq" and end.data["speculative"] is True
+    assert "end_of_speech_to_first_audio" in end.data["timings_ms"]
+    played = speaker.audio()
+    assert len(played) == len(venue.audio) and set(np.unique(played)) == {77}
+
+
+def test_a_visitor_who_goes_on_after_an_faq_pause_gets_the_llm_with_the_venues_prompt() -> None:
+    rec = SayingRecognizer("When do you open?", "When do you open the shop for members only?")
+    # the final asks something else: the venue's FAQ does not cover it (no "open" match for this fake)
+    rec.final = "Is the shop for members only?"
+    conv, clock, events, speaker, chat, venue = _venue_conversation(rec)
+    run(conv, clock, audio((WAKE, 0.3), (SILENCE, 0.1), (SPEECH, 0.6), (SILENCE, 0.6)))
+    assert [q for _, q in chat.calls] == ["Is the shop for members only?"]
+    assert chat.systems == ["facts for: Is the shop for members only?"]
+    end = next(e for e in events if e.type.value == "turn.end")
+    assert end.data["path"] == "llm" and end.data["speculative"] is False
+    assert 77 not in set(np.unique(speaker.audio())), "the dropped FAQ answer was heard"

@@ -464,3 +464,75 @@ def test_a_prefill_waits_for_the_other_stages_and_stops_when_cancelled(tiny, sha
     assert not worker.is_alive() and tiny.cached_tokens == n
     tiny.prefill([], "What is the capital of France?", cancel=CancelScope())
     assert tiny.cached_tokens > n
+
+
+# -- LoRA adapters and the saved system prompt ----------------------------------------------------
+
+def test_a_lora_adapter_changes_the_reply_and_one_for_another_model_is_refused(tiny_phi3: Path,
+                                                                             tmp_path: Path) -> None:
+    from edge.devtools.gguf_synth import TINY_LORA_FIRST, write_tiny_lora
+    from edge.errors import ModelError
+
+    adapter = write_tiny_lora(tmp_path / "adapter.gguf")
+    model = make_chat_model(_cfg(), tiny_phi3, adapter=adapter)
+    try:
+        model.warm("Be brief.")
+        pieces, _ = _reply(model, [], "Hi")
+        assert "".join(pieces).startswith(TINY_LORA_FIRST.lstrip("▁"))
+        assert "".join(pieces) != TINY_REPLY
+    finally:
+        model.close()
+    gentle = make_chat_model(_cfg(adapter_scale=0.0), tiny_phi3, adapter=adapter)  # scale 0: as without it
+    try:
+        gentle.warm("Be brief.")
+        assert "".join(_reply(gentle, [], "Hi")[0]) == TINY_REPLY
+    finally:
+        gentle.close()
+    for bad, why in ((write_tiny_lora(tmp_path / "llama.gguf", arch="llama"), "made for a llama model"),
+                     (write_tiny_lora(tmp_path / "wide.gguf", n_embd=256), "a model of another size"),
+                     (tiny_phi3, "is not a LoRA adapter")):
+        with pytest.raises(ModelError, match=why) as info:
+            make_chat_model(_cfg(), tiny_phi3, adapter=bad)
+        assert info.value.code == "model.adapter" and str(bad) in info.value.message
+
+
+def test_the_evaluated_system_prompt_is_kept_on_disk_and_loaded_by_the_next_start(tiny_phi3: Path,
+                                                                                tmp_path: Path, caplog) -> None:
+    states = tmp_path / "states"
+    prompt = "You are the kiosk of a museum. " * 20
+    first = make_chat_model(_cfg(), tiny_phi3, state_dir=states)
+    try:
+        with caplog.at_level("INFO", logger="edge.llm.llama"):
+            first.warm(prompt)
+        assert "evaluated and saved" in caplog.text
+        saved = list(states.glob("*.state"))
+        assert len(saved) == 1 and saved[0].stat().st_size > 0
+        expected = _reply(first, [], "Hi")[0]
+    finally:
+        first.close()
+    caplog.clear()
+    second = make_chat_model(_cfg(), tiny_phi3, state_dir=states)
+    try:
+        with caplog.at_level("INFO", logger="edge.llm.llama"):
+            second.warm(prompt)
+        assert "loaded from disk" in caplog.text
+        n = second.cached_tokens
+        pieces, stats = _reply(second, [], "Hi")
+        assert pieces == expected and stats.cached_tokens >= n  # the loaded KV was used, not re-evaluated
+        second.forget()
+        caplog.clear()
+        with caplog.at_level("INFO", logger="edge.llm.llama"):
+            second.warm("Another prompt entirely.")  # another prompt: another state file
+        assert "evaluated and saved" in caplog.text and len(list(states.glob("*.state"))) == 2
+    finally:
+        second.close()
+    saved[0].write_bytes(b"not a llama.cpp state")  # a damaged file is evaluated again, not trusted
+    third = make_chat_model(_cfg(), tiny_phi3, state_dir=states)
+    try:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="edge.llm.llama"):
+            third.warm(prompt)
+        assert "does not fit" in caplog.text and "evaluated and saved" in caplog.text
+        assert _reply(third, [], "Hi")[0] == expected
+    finally:
+        third.close()

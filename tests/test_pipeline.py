@@ -20,6 +20,7 @@ from voice import Ears, conversation, wer, words
 
 from edge.audio.wav import write_wav
 from edge.config import load_config
+from edge.knowledge import load_pack
 from edge.simulate import simulate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,3 +163,30 @@ def test_a_long_pause_after_the_wake_word_keeps_the_question(tmp_path: Path) -> 
     finals = of_type(ev, "transcript.final")
     assert len(finals) == 1 and wer(QUESTION, finals[0]["text"]) <= 0.1, finals
     assert [e["outcome"] for e in of_type(ev, "turn.end")] == ["done"]
+
+
+PACK = REPO / "config" / "packs" / "harbour-museum"
+
+
+def test_a_venue_answers_an_faq_question_from_ready_audio_and_others_from_its_facts(
+        tmp_path: Path, ears: Ears, venue_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGE_VOICE_CACHE_DIR", str(venue_cache))  # answer audio and prompt state
+    cfg = load_config(DEV)
+    cfg = dataclasses.replace(cfg, knowledge=dataclasses.replace(cfg.knowledge, pack=str(PACK)))
+    wav = tmp_path / "venue.wav"
+    write_wav(wav, conversation(0.5, "Hey Jarvis.", 0.4, "How much is a ticket?", 11.0,
+                                "Hey Jarvis.", 0.4, "Where can I park my bicycle?", 2.5), 16000)
+    result = simulate(cfg, wav, None)
+    ev = [e.as_dict() for e in result.events]
+    replies = of_type(ev, "reply.final")
+    assert [r["path"] for r in replies] == ["faq", "llm"], replies
+    assert replies[0]["faq_id"] == "ticket-prices" and "12 pounds" in replies[0]["text"]
+    ends = of_type(ev, "turn.end")
+    assert [e["outcome"] for e in ends] == ["done", "done"] and [e["path"] for e in ends] == ["faq", "llm"]
+    assert ends[0]["timings_ms"]["end_of_speech_to_first_audio"] > 0
+    # The FAQ answer was heard as written: the audio made ahead of time, kept on disk for the next start.
+    first = sum(n for gen, _, n in result.played if gen == result.played[0][0])  # the output's first reply
+    assert result.reply_audio is not None
+    said = ears.hear(result.reply_audio[:first], result.reply_rate)
+    assert {"adult", "ticket", "pounds"} <= set(words(said)), said
+    assert len(list((venue_cache / "faq-audio").glob("*.npy"))) == len(load_pack(PACK).faq)

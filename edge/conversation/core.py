@@ -44,6 +44,7 @@ from edge.conversation.speech import SpeechOutput
 from edge.conversation.turn import Reply, Turn, same_words
 from edge.errors import EdgeError
 from edge.events import Event, EventBus, EventType, new_id
+from edge.knowledge.venue import FaqAnswer, Venue
 from edge.llm.base import ChatModel
 from edge.signals import CancelScope, Flag
 from edge.stt.base import Recognizer, SttUpdate, UpdateKind
@@ -73,8 +74,10 @@ class Snapshot:
 class Conversation:
     def __init__(self, cfg: Config, *, bus: EventBus, clock: Clock, speaker: Speaker,
                  wake: WakeDetector | None, recognizer: Recognizer | None,
-                 chat: ChatModel | None, synth: Synthesizer | None) -> None:
+                 chat: ChatModel | None, synth: Synthesizer | None, venue: Venue | None = None) -> None:
+        """``venue``: the venue's knowledge (FAQ answers, the LLM's prompt per question), if any."""
         self._cfg = cfg
+        self.venue = venue
         self.bus = bus
         self.clock = clock
         self.speaker = speaker
@@ -102,6 +105,7 @@ class Conversation:
         self._handlers: dict[type, Callable[[Any], None]] = {
             m.Audio: self._on_audio, m.Listen: self._on_listen, m.TextTurn: self._on_text_turn,
             m.Cancel: self._on_cancel, m.Mute: self._on_mute, m.Handset: self._on_handset,
+            m.EndSession: self._on_end_session,
             m.Settings: self._on_settings, m.ReplaceStages: self._on_replace_stages,
             m.FollowUp: self._on_follow_up, m.FirstToken: self._on_first_token,
             m.FirstClause: self._on_first_clause, m.Answered: self._on_answered,
@@ -216,6 +220,10 @@ class Conversation:
     def on_hook(self) -> None:
         """The handset was put down: stop, and forget the conversation."""
         self._inbox.post(m.Handset(False))
+
+    def end_session(self) -> None:
+        """Forget the conversation so far: the next question starts a new session."""
+        self._inbox.post(m.EndSession())
 
     def apply_settings(self, changes: dict[str, Any]) -> None:
         """Runtime settings ("section.key" → value, already validated); used from the next turn."""
@@ -375,7 +383,8 @@ class Conversation:
             return
         scope = turn.scope.child()
         self._prefills.append(scope)
-        self.responder.prefill(Prefill(tuple(self.sessions.history()), text, self._chat, scope))
+        system = self.venue.system_prompt(text) if self.venue is not None else None
+        self.responder.prefill(Prefill(tuple(self.sessions.history()), text, self._chat, scope, system))
 
     def _cancel_prefills(self) -> None:
         for scope in self._prefills:
@@ -384,7 +393,7 @@ class Conversation:
 
     def _on_pause(self, turn: Turn, text: str) -> None:
         """The visitor paused: start the reply now, to be played only if they are done."""
-        if not text or self._chat is None:
+        if not text or (self._chat is None and self.venue is None):
             return
         if turn.reply is not None and same_words(turn.reply.question, text):
             return
@@ -420,18 +429,33 @@ class Conversation:
         if self._wake is not None:
             self._wake.reset()  # it was not fed while listening
         reply = turn.reply
-        if reply is not None and not reply.scope.cancelled and same_words(reply.question, text):
+        faq = self.venue.faq(text) if self.venue is not None else None
+        same = reply is not None and not reply.scope.cancelled and (
+            same_words(reply.question, text)
+            or (reply.faq is not None and faq is not None and reply.faq.entry_id == faq.entry_id))
+        if reply is not None and same:
             _LOGGER.debug("the speculative reply answers the final transcript: keeping it")
             reply.hold.confirm()
             if turn.answered is reply:
                 self._publish_answer(turn, reply)
         else:
             self._drop_speculation(turn)
-            self._start_reply(turn, text, speculative=False)
+            self._start_reply(turn, text, speculative=False, faq=faq)
 
-    def _start_reply(self, turn: Turn, question: str, *, speculative: bool, speak_as_is: bool = False) -> None:
+    def _start_reply(self, turn: Turn, question: str, *, speculative: bool, speak_as_is: bool = False,
+                     faq: FaqAnswer | None | bool = True) -> None:
+        """A reply to ``question``: an FAQ entry's ready answer when the venue has one (``faq``: the
+        entry already matched, None for none, True to match here), else the LLM's."""
+        venue = self.venue
+        if speak_as_is or venue is None:
+            faq = None
+        elif faq is True:
+            faq = venue.faq(question)
+        answer = faq if isinstance(faq, FaqAnswer) else None
+        system = venue.system_prompt(question) if venue is not None and answer is None else None
         reply = Reply(question, tuple(self.sessions.history()), turn.scope.child(), self._chat, self._synth,
-                      max_tokens=self._cfg.llm.max_tokens, speculative=speculative, speak_as_is=speak_as_is)
+                      max_tokens=self._cfg.llm.max_tokens, speculative=speculative, speak_as_is=speak_as_is,
+                      faq=answer, system=system)
         turn.reply = reply
         turn.answered = None
         turn.playing = False
@@ -503,6 +527,10 @@ class Conversation:
         else:
             self._on_listen(m.Listen(Trigger.PUSH_TO_TALK))
 
+    def _on_end_session(self, msg: m.EndSession) -> None:
+        ended = self.sessions.end()
+        self._emit(EventType.SESSION_END, None, reason="reset", ended=ended.id)
+
     def _on_settings(self, msg: m.Settings) -> None:
         cfg = self._cfg
         for key, value in msg.changes.items():
@@ -554,7 +582,9 @@ class Conversation:
     def _publish_answer(self, turn: Turn, reply: Reply) -> None:
         turn.answer = turn.answered_text
         if not reply.speak_as_is:
-            self._emit(EventType.REPLY_FINAL, turn, text=turn.answer, tokens=turn.timings.tokens)
+            extra: dict[str, Any] = {"faq_id": reply.faq.entry_id} if reply.faq is not None else {}
+            self._emit(EventType.REPLY_FINAL, turn, text=turn.answer, tokens=turn.timings.tokens, path=reply.path,
+                       **extra)
 
     def _on_playing(self, msg: m.Playing) -> None:
         turn = self._current(msg.reply)
@@ -611,7 +641,7 @@ class Conversation:
         reply = turn.reply
         self._emit(EventType.TURN_END, turn, outcome=outcome.value, trigger=turn.trigger.value,
                    text=turn.text, reply=turn.answer, speculative=bool(reply and reply.speculative),
-                   timings_ms=turn.timings.as_ms())
+                   path=reply.path if reply is not None else None, timings_ms=turn.timings.as_ms())
         self._turns_done += 1
         self._set_state(State.IDLE)
         follow = self._cfg.conversation.follow_up_s

@@ -100,6 +100,11 @@ class Handset:
 
 
 @dataclass(frozen=True)
+class EndSession:
+    """Forget the conversation so far (the next visitor, an operator's reset)."""
+
+
+@dataclass(frozen=True)
 class Settings:
     """New runtime settings (``set`` commands), applied from the next turn on."""
 
@@ -180,6 +185,6 @@ class Failed:
     stage: str  # "llm" | "tts"
 
 
-Control = (Listen | TextTurn | Cancel | Mute | Handset | Settings | ReplaceStages | FollowUp | Stop | FirstToken
-           | FirstClause | Answered | FirstAudio | Playing | PlaybackDone | Failed)
+Control = (Listen | TextTurn | Cancel | Mute | Handset | EndSession | Settings | ReplaceStages | FollowUp | Stop
+           | FirstToken | FirstClause | Answered | FirstAudio | Playing | PlaybackDone | Failed)
 Message = Control | Audio

@@ -35,6 +35,7 @@ class Prefill:
     text: str
     chat: ChatModel
     cancel: Flag
+    system: str | None = None
 
 
 class Responder:
@@ -74,14 +75,16 @@ class Responder:
             if isinstance(job, Prefill):
                 if not job.cancel.is_set():
                     try:
-                        job.chat.prefill(list(job.history), job.text, cancel=job.cancel)
+                        job.chat.prefill(list(job.history), job.text, cancel=job.cancel, system=job.system)
                     except Exception:  # a prefill is an optimisation: the reply will say what is wrong
                         _LOGGER.warning("prefill failed", exc_info=True)
                 continue
             if job.scope.cancelled:
                 continue
             try:
-                if job.speak_as_is:
+                if job.faq is not None:
+                    self._answer_faq(job)
+                elif job.speak_as_is:
                     self._speak_as_is(job)
                 else:
                     self._respond(job)
@@ -102,7 +105,7 @@ class Responder:
         parts: list[str] = []
         clauses = tokens = 0
         for piece in chat.stream(list(reply.history), reply.question, cancel=reply.scope,
-                                 max_tokens=reply.max_tokens, deadline=deadline):
+                                 max_tokens=reply.max_tokens, deadline=deadline, system=reply.system):
             tokens += 1
             if tokens == 1:
                 self._post(FirstToken(reply, time.monotonic()))
@@ -134,6 +137,21 @@ class Responder:
             self._speech.queue(reply, answer)
         reply.generated.set()
         self._post(Answered(reply, answer, tokens, done_at))
+        self._speech.queue(reply, END)
+
+    def _answer_faq(self, reply: Reply) -> None:
+        """A ready answer: its audio when it was synthesized ahead of time, else its text."""
+        faq = reply.faq
+        assert faq is not None
+        self._post(FirstClause(reply, time.monotonic()))
+        if faq.audio is not None:
+            self._speech.queue(reply, faq.audio)
+        else:
+            splitter = ClauseSplitter(self._tts().first_clause_min_words)
+            for clause in splitter.push(faq.text) + splitter.flush():
+                self._speech.queue(reply, clause)
+        reply.generated.set()
+        self._post(Answered(reply, faq.text, 0, time.monotonic()))
         self._speech.queue(reply, END)
 
     def _speak_as_is(self, reply: Reply) -> None:

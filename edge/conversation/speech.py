@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+
+import numpy as np
 
 from edge.audio.base import Speaker
 from edge.conversation.mailbox import Jobs
@@ -34,7 +36,7 @@ class SpeechOutput:
     def __init__(self, post: Callable[[Control], None], speaker: Speaker) -> None:
         self._post = post
         self.speaker = speaker
-        self._jobs: Jobs[tuple[Reply, str] | None] = Jobs(QUEUED_CLAUSES)
+        self._jobs: Jobs[tuple[Reply, str | np.ndarray] | None] = Jobs(QUEUED_CLAUSES)
         self._begun: Reply | None = None  # the reply whose utterance the speaker has (this thread only)
         self._thread = threading.Thread(target=self._run, name="tts", daemon=True)
 
@@ -46,8 +48,9 @@ class SpeechOutput:
         self._jobs.put(_STOP)
         self._thread.join(timeout=5)
 
-    def queue(self, reply: Reply, clause: str) -> bool:
-        """Hand over a clause (or ``END``); waits while the queue is full, False if cancelled."""
+    def queue(self, reply: Reply, clause: str | np.ndarray) -> bool:
+        """Hand over a clause to synthesize, audio ready to play (int16 at the voice's rate) or
+        ``END``; waits while the queue is full, False if cancelled."""
         return self._jobs.put((reply, clause), cancel=reply.scope)
 
     # -- the worker thread -------------------------------------------------------------------
@@ -60,7 +63,9 @@ class SpeechOutput:
             if reply.scope.cancelled:
                 continue
             try:
-                if item == END:
+                if isinstance(item, np.ndarray):
+                    self._play(reply, [item])
+                elif item == END:
                     self._end(reply)
                 else:
                     self._synthesize(reply, item)
@@ -71,13 +76,17 @@ class SpeechOutput:
         synth = reply.synth
         if synth is None:
             raise StageError("no text-to-speech voice is configured (tts.model)", code="tts.missing")
-        speaker = self.speaker
         if self._begun is reply:
             self._let_the_llm_run(reply)
-        else:
+        self._play(reply, synth.synthesize(clause, reply.scope))
+
+    def _play(self, reply: Reply, pieces: Iterable[np.ndarray]) -> None:
+        """Write audio to the reply's utterance (begun, maybe held, with its first piece)."""
+        speaker = self.speaker
+        if self._begun is not reply:
             self._begun = reply
             self._gen = reply.hold.begin(speaker, lambda wall: self._post(Playing(reply, wall)))
-        for audio in synth.synthesize(clause, reply.scope):
+        for audio in pieces:
             if reply.scope.cancelled:
                 return
             if not reply.first_audio.is_set():

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from edge.audio.base import Speaker
 from edge.conversation.messages import Trigger
 from edge.events import new_id
+from edge.knowledge.venue import FaqAnswer
 from edge.llm.base import ChatModel, Message
 from edge.signals import CancelScope, Flag
 from edge.tts.base import Synthesizer
@@ -75,6 +76,8 @@ class Reply:
     max_tokens: int
     speculative: bool = False
     speak_as_is: bool = False  # an operator's announcement: no LLM
+    faq: FaqAnswer | None = None  # the FAQ entry it answers: no LLM, the answer's audio is ready
+    system: str | None = None  # the LLM's system prompt for this question; None: the warmed one
     hold: Hold = field(init=False)
     first_audio: Flag = field(default_factory=Flag)  # speech worker → LLM worker: the first clause sounds
     generated: Flag = field(default_factory=Flag)  # LLM worker → speech worker: no more clauses to wait for
@@ -82,6 +85,11 @@ class Reply:
 
     def __post_init__(self) -> None:
         self.hold = Hold(held=self.speculative)
+
+    @property
+    def path(self) -> str:
+        """How it is answered: ``faq`` (a ready answer), ``llm`` or ``say`` (an announcement)."""
+        return "say" if self.speak_as_is else "faq" if self.faq is not None else "llm"
 
 
 # Milestones a turn's timings report, by the name they are reported under.

@@ -265,6 +265,45 @@ def write_tiny_phi3(path: Path, *, chat_template: str | None = PHI3_GGUF_CHAT_TE
     return _write_atomically(path, build)
 
 
+TINY_LORA_FIRST = "▁the"  # what the tiny model says first with write_tiny_lora's adapter applied
+
+
+def write_tiny_lora(path: Path, *, arch: str = "phi3", n_embd: int = 128, seed: int = 0) -> Path:
+    """A rank-1 LoRA adapter (llama.cpp's GGUF format) for ``write_tiny_phi3``'s model.
+
+    It changes ``output.weight`` so that after ``<|assistant|>`` the model says ``TINY_LORA_FIRST``
+    instead of the first piece of ``TINY_REPLY``: a test can see that the adapter is applied.
+    ``arch`` and ``n_embd`` other than the tiny model's make an adapter that does not fit it.
+    """
+    gguf = _require_gguf()
+    import numpy as np
+
+    tokens, _, _ = _spm_vocab(_tiny_pieces(), None, PHI3_SPECIAL_TOKENS)
+    index = {t: i for i, t in enumerate(tokens)}
+    # The tiny model's embeddings, drawn exactly as write_tiny_phi3 draws them.
+    rng = np.random.default_rng(seed)
+    embd = rng.standard_normal((len(tokens), 128)).astype(np.float32)
+    embd /= np.linalg.norm(embd, axis=1, keepdims=True)
+    embd *= np.sqrt(128)
+    source = np.zeros(n_embd, dtype=np.float32)
+    source[: min(n_embd, 128)] = embd[index["<|assistant|>"]][: min(n_embd, 128)]
+    # delta W = B @ A (alpha / rank = 1): raises TINY_LORA_FIRST's logit given <|assistant|>.
+    lora_a = (source / np.sqrt(n_embd)).reshape(1, n_embd).astype(np.float32)  # (rank, n_embd)
+    lora_b = np.zeros((len(tokens), 1), dtype=np.float32)  # (n_vocab, rank)
+    lora_b[index[TINY_LORA_FIRST], 0] = 12.0
+
+    def build(tmp: Path) -> None:
+        w = gguf.GGUFWriter(tmp, arch)
+        w.add_string("general.type", "adapter")
+        w.add_string("adapter.type", "lora")
+        w.add_float32("adapter.lora.alpha", 1.0)
+        w.add_tensor("output.weight.lora_a", lora_a)
+        w.add_tensor("output.weight.lora_b", lora_b)
+        _finish(w)
+
+    return _write_atomically(path, build)
+
+
 def _random_q4_k(rng: Any, n_rows: int, n_cols: int) -> np.ndarray:
     """Valid Q4_K blocks with random scales and quants, as a (rows, bytes per row) uint8 array.
 

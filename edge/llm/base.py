@@ -32,15 +32,18 @@ class ChatModel(Protocol):
     def warm(self, system_prompt: str) -> None:
         """Evaluate the system prompt once; its KV is reused by every turn."""
 
-    def prefill(self, history: list[Message], user_text: str, cancel: Flag | None = None) -> None:
+    def prefill(self, history: list[Message], user_text: str, cancel: Flag | None = None, *,
+                system: str | None = None) -> None:
         """Evaluate the next prompt as far as it is known, stopping early once ``cancel`` is set."""
 
     def stream(self, history: list[Message], user_text: str, *, cancel: Flag,
-               max_tokens: int | None = None, deadline: float | None = None) -> Iterator[str]:
+               max_tokens: int | None = None, deadline: float | None = None,
+               system: str | None = None) -> Iterator[str]:
         """Yield the reply as whole-character text pieces.
 
         ``max_tokens`` None means the config's; ``deadline`` (``time.monotonic()`` time) None
-        means now + the config's ``reply_timeout_s``.
+        means now + the config's ``reply_timeout_s``; ``system`` None means the warmed system
+        prompt (a venue whose facts exceed the budget gives each question its own).
         """
 
     def count_tokens(self, text: str) -> int: ...

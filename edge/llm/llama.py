@@ -6,6 +6,8 @@ import codecs
 import concurrent.futures
 import ctypes
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -19,6 +21,7 @@ from edge.config import LlmConfig
 from edge.cpu import CpuPolicy
 from edge.errors import MissingDependency, ModelError, StageError
 from edge.llm.base import Message, ReplyStats
+from edge.llm.gguf_header import check_lora_fits, read_gguf_header
 from edge.llm.template import ChatFormat, PromptBuilder, choose_format
 from edge.signals import Flag
 
@@ -37,6 +40,8 @@ PREFILL_SLICE = 4
 PREFILL_AFTER_OTHERS_S = 0.02
 
 _KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # GGML_TYPE_*
+STATES_KEPT = 4  # evaluated system prompts kept on disk (a pack and its previous version, ...)
+STATE_MIN_TOKENS = 64  # a shorter system prompt is evaluated as fast as its state file is read
 _LOG_LEVEL_WARN, _LOG_LEVEL_ERROR, _LOG_LEVEL_CONT = 3, 4, 5  # ggml_log_level
 _log_tail: deque[str] = deque(maxlen=6)
 _log_hook: Any = None
@@ -89,15 +94,24 @@ class LlamaChatModel:
     """A ChatModel over one ``llama_cpp.Llama``; all calls come from one worker thread,
     ``cancel`` may be set from any thread and ``close`` may come from another."""
 
-    def __init__(self, cfg: LlmConfig, gguf_path: Path, cpu: CpuPolicy | None = None) -> None:
+    def __init__(self, cfg: LlmConfig, gguf_path: Path, cpu: CpuPolicy | None = None, *,
+                 adapter: Path | None = None, state_dir: Path | None = None) -> None:
+        """``adapter``: a LoRA adapter GGUF for this model, applied at ``cfg.adapter_scale``;
+        ``state_dir``: where evaluated system prompts are kept (see :meth:`warm`)."""
         llama_cpp = _import_llama_cpp()
         self._lib = llama_cpp
         self.cfg = cfg
         self._cpu = cpu or CpuPolicy(share=cfg.share_cores)
         self.path = gguf_path
+        self.adapter = adapter
+        self._state_dir = state_dir
         if not gguf_path.is_file():
             raise ModelError(f"{gguf_path}: LLM model file not found; install the model or fix llm.model",
                              code="model.missing")
+        lora: dict[str, Any] = {}
+        if adapter is not None:
+            check_lora_fits(read_gguf_header(adapter), read_gguf_header(gguf_path))
+            lora = {"lora_path": str(adapter), "lora_scale": cfg.adapter_scale}
         n_threads = cfg.n_threads or os.cpu_count() or 1
         n_threads_batch = cfg.n_threads_batch or n_threads
         flash_attn = cfg.flash_attn
@@ -119,7 +133,7 @@ class LlamaChatModel:
                 model_path=str(gguf_path), n_ctx=cfg.n_ctx, n_batch=cfg.n_batch, n_ubatch=cfg.n_batch,
                 n_threads=n_threads, n_threads_batch=n_threads_batch, n_gpu_layers=cfg.n_gpu_layers,
                 use_mmap=cfg.use_mmap, flash_attn=flash_attn, type_k=_KV_TYPES[cfg.kv_type],
-                type_v=_KV_TYPES[cfg.kv_type], seed=self._seed(), verbose=False,
+                type_v=_KV_TYPES[cfg.kv_type], seed=self._seed(), verbose=False, **lora,
             ).result()
         except (ValueError, RuntimeError, OSError) as err:
             self._compute.shutdown(wait=False)
@@ -128,6 +142,9 @@ class LlamaChatModel:
                 raise ModelError(f"{gguf_path}: cannot set up the LLM with these settings ({detail}); "
                                  f"check llm.n_ctx, llm.kv_type and llm.n_gpu_layers",
                                  code="model.context") from None
+            if adapter is not None and "lora" in (detail + str(err)).lower():
+                raise ModelError(f"{adapter}: llama.cpp cannot apply this LoRA adapter to {gguf_path.name} "
+                                 f"({detail}); use an adapter made for this model", code="model.adapter") from None
             raise ModelError(f"{gguf_path}: cannot load the LLM model ({detail}); re-install it or "
                              f"choose another model", code="model.invalid") from None
         try:
@@ -287,13 +304,14 @@ class LlamaChatModel:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(self._seed()))
         return chain
 
-    def _fit(self, history: Sequence[Message], user_text: str, max_new: int) -> tuple[list[int], int, int]:
+    def _fit(self, history: Sequence[Message], user_text: str, max_new: int,
+             system: str) -> tuple[list[int], int, int]:
         """Prompt tokens, dropping the oldest history until the reply fits in the context."""
         history = list(history)
         dropped = 0
         while True:
             try:
-                text = self._prompts.prompt(self._system, history, user_text)
+                text = self._prompts.prompt(system, history, user_text)
             except Exception as err:  # a template's raise_exception, e.g. on roles out of order
                 raise StageError(f"the chat template cannot render this conversation: {err}",
                                  code="llm.template") from None
@@ -316,28 +334,98 @@ class LlamaChatModel:
     # -- ChatModel ---------------------------------------------------------------------------
 
     def warm(self, system_prompt: str) -> None:
+        """Evaluate the system prompt once; every turn reuses its KV. With a state directory the
+        evaluated prompt is kept on disk, keyed by model, adapter, settings and prompt, and a
+        restart loads it instead of evaluating it again (a long venue pack costs a minute of
+        prompt evaluation on a Pi-class CPU)."""
         self._turn += 1  # changes the KV cache: an unfinished stream must not continue
         self._system = system_prompt
         t0 = time.monotonic()
         # The last token of the head may merge with the first word of a question.
         tokens = self._tokenize_prompt(self._prompts.head(system_prompt, []))[:-1]
         n = self._reuse(tokens, keep_last=False)
-        self._eval(tokens[n:])
-        _LOGGER.info("system prompt: %d tokens (%d evaluated) in %.2f s", len(tokens), len(tokens) - n,
+        how = "evaluated"
+        if n < len(tokens) and self._state_dir is not None and len(tokens) >= STATE_MIN_TOKENS:
+            path = self._state_dir / f"{self._state_key(tokens)}.state"
+            if self._load_state(path, tokens):
+                n, how = len(tokens), "loaded from disk"
+            else:
+                self._eval(tokens[n:])
+                self._save_state(path, tokens)
+                how = "evaluated and saved"
+        else:
+            self._eval(tokens[n:])
+        _LOGGER.info("system prompt: %d tokens (%d %s) in %.2f s", len(tokens), len(tokens) - n, how,
                      time.monotonic() - t0)
 
-    def prefill(self, history: list[Message], user_text: str, cancel: Flag | None = None) -> None:
+    def _state_key(self, tokens: Sequence[int]) -> str:
+        st = self.path.stat()
+        ident = {"model": [str(self.path), st.st_size, st.st_mtime_ns],
+                 "adapter": [str(self.adapter), self.cfg.adapter_scale] if self.adapter else None,
+                 "n_ctx": self.n_ctx, "kv": self.cfg.kv_type, "flash": self.cfg.flash_attn or self.cfg.kv_type != "f16",
+                 "llama_cpp": getattr(self._lib, "__version__", ""), "tokens": list(tokens)}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+    def _load_state(self, path: Path, tokens: Sequence[int]) -> bool:
+        """Load a saved prompt state; False (and the cache cleared) when it is missing or unusable."""
+        if not path.is_file():
+            return False
+        lib, llm = self._lib, self._llm
+        buf = (lib.llama_token * self.n_ctx)()
+        count = ctypes.c_size_t(0)
+
+        def load() -> bool:
+            return bool(lib.llama_state_load_file(llm.ctx, str(path).encode(), buf, self.n_ctx, ctypes.byref(count)))
+
+        with self._lock:
+            self._check_open()
+            ok = self._compute.submit(load).result() and list(buf[: count.value]) == list(tokens)
+            if ok:
+                llm.input_ids[: len(tokens)] = tokens
+                llm.n_tokens = len(tokens)
+            else:
+                llm.reset()
+                llm._ctx.kv_cache_clear()
+        if not ok:
+            _LOGGER.warning("saved prompt state %s does not fit this model: evaluating the prompt", path)
+            path.unlink(missing_ok=True)
+        return ok
+
+    def _save_state(self, path: Path, tokens: Sequence[int]) -> None:
+        """Keep the evaluated prompt; the newest few are kept, older ones removed."""
+        lib, llm = self._lib, self._llm
+        arr = (lib.llama_token * len(tokens))(*tokens)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with self._lock:
+                self._check_open()
+                ok = self._compute.submit(
+                    lambda: bool(lib.llama_state_save_file(llm.ctx, str(tmp).encode(), arr, len(tokens)))).result()
+            if not ok:
+                raise OSError("llama_state_save_file failed")
+            os.replace(tmp, path)
+            old = sorted(path.parent.glob("*.state"), key=lambda p: p.stat().st_mtime)[:-STATES_KEPT]
+            for stale in old:
+                stale.unlink(missing_ok=True)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            _LOGGER.warning("cannot keep the evaluated prompt in %s: %s", path.parent, err)
+
+    def prefill(self, history: list[Message], user_text: str, cancel: Flag | None = None, *,
+                system: str | None = None) -> None:
         self._turn += 1
         # The whole prompt as it would be if the visitor stopped now, up to the assistant's header:
         # a recognizer re-decoding the growing utterance gives whole words, and when the next
         # partial differs only the tokens after the shared prefix are evaluated again. If it does
         # not, the reply starts at once. The last token is left for the reply, which needs its logits.
         try:
-            text = self._prompts.prompt(self._system, history, user_text.strip())
+            text = self._prompts.prompt(self._system if system is None else system, history, user_text.strip())
         except Exception:  # a template that cannot render this: the reply will say so
             return
         tokens = self._tokenize_prompt(text)[:-1]
         n = self._reuse(tokens, keep_last=False)
+
         def after_others() -> str | None:
             # Opportunistic: each slice waits until no other stage has computed for a moment.
             quiet = self._cpu.wait_until_quiet(PREFILL_AFTER_OTHERS_S, cancel)
@@ -346,12 +434,14 @@ class LlamaChatModel:
         self._eval(tokens[n:n + PREFILL_MAX_TOKENS], after_others, prefill=True)
 
     def stream(self, history: list[Message], user_text: str, *, cancel: Flag,
-               max_tokens: int | None = None, deadline: float | None = None) -> Iterator[str]:
+               max_tokens: int | None = None, deadline: float | None = None,
+               system: str | None = None) -> Iterator[str]:
         t0 = time.monotonic()
         self._turn += 1
         turn = self._turn
         deadline = t0 + self.cfg.reply_timeout_s if deadline is None else deadline
-        tokens, max_new, dropped = self._fit(history, user_text, max_tokens or self.cfg.max_tokens)
+        tokens, max_new, dropped = self._fit(history, user_text, max_tokens or self.cfg.max_tokens,
+                                             self._system if system is None else system)
         stats = self.last_stats = ReplyStats(prompt_tokens=len(tokens), dropped_messages=dropped)
         return self._generate(tokens, max_new, cancel, deadline, turn, stats, t0)
 
