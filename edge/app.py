@@ -206,8 +206,10 @@ class Pipeline:
         from edge.mqtt.client import MqttBridge
 
         bridge = MqttBridge(self.cfg.mqtt, self.cfg.device_id, self.cfg.state_dir, Controller(self),
-                            version=__version__, models=self.cfg.model_ids())
+                            version=__version__, models=self.cfg.model_ids(), tags=self.cfg.device.tags)
         bridge.set_metrics_source(self.metrics)
+        if self.venue is not None:
+            bridge.set_knowledge(self.venue.status)
         bridge.start()
         self.bus.subscribe(bridge.publish_event)
         self.bridge = bridge
@@ -218,6 +220,8 @@ class Pipeline:
         stages = self.load()
         self.speaker = speaker
         self.venue = self._venue(stages)
+        if self.bridge is not None and self.venue is not None:
+            self.bridge.set_knowledge(self.venue.status)  # the fleet sees which pack, which content
         conv = Conversation(self.cfg, bus=self.bus, clock=self.clock, speaker=speaker, wake=stages.wake,
                             recognizer=stages.recognizer, chat=stages.chat, synth=stages.synth, venue=self.venue)
         self.kiosk = Kiosk(self.cfg, conv, speaker, self.gate)

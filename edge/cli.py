@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_models_parser(sub)
     add_packs_parser(sub)
+    from edge.fleet.cli import add_fleet_parser
+
+    add_fleet_parser(sub)
     return parser
 
 
@@ -111,6 +114,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from edge.knowledge.cli import run_packs
 
         return run_packs(args)
+    if cmd == "fleet":
+        from edge.fleet.cli import run_fleet
+
+        return run_fleet(args)
     if cmd == "simulate":
         from edge.simulate import simulate, summary_lines
 

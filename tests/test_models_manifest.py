@@ -18,7 +18,7 @@ def test_shipped_manifest_profiles() -> None:
     m = load_manifest(SHIPPED)
     assert {s.id for s in m.select("dev", ())} == {
         "smollm2-135m-instruct", "piper-en-us-joe-medium", "silero-vad", "whisper-tiny-en", "openwakeword",
-        "minilm-l6-v2"}
+        "minilm-l6-v2", "smart-turn-v3.2"}
     for name in ("pi5", "jetson"):
         kinds = {s.kind for s in m.select(name, ())}
         assert {"llm", "stt-streaming", "tts", "vad", "wake"} <= kinds

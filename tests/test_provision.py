@@ -313,7 +313,7 @@ def test_models_state_is_checked_with_the_installed_edge_voice(installed, setup:
     root, _ = installed
     req = {"action": "models-fetch", "root": str(root), "apply": False, "venv": prov.VENV, "profile": "dev",
            "mirror": None, "mirror_pushed": False}
-    assert on_device(setup, req) == {"status": "ok", "detail": "6 models of profile dev installed and current"}
+    assert on_device(setup, req) == {"status": "ok", "detail": "7 models of profile dev installed and current"}
     target = next((root / "var/lib/edge-voice/models/whisper-tiny-en/versions").glob("*/tiny.en-tokens.txt"))
     st = target.stat()
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))

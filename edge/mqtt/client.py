@@ -11,6 +11,11 @@ Threads (all daemon threads, all named):
 
 ``publish_event`` only serialises the event and appends it to a bounded in-memory hand-off
 (oldest dropped and counted on overflow); the outbox thread commits it within milliseconds.
+It also notes the last turn (``turn.end``) and the last error (``error``) for the retained
+status, which the outbox thread republishes when they change.
+
+The retained status carries what the fleet's ``devices`` table shows: state, version, models,
+tags, ``knowledge`` (the venue pack, or null), ``last_turn`` and ``last_error``.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ import sqlite3
 import ssl
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from edge.config import MqttConfig
 from edge.errors import ConfigError, MissingDependency
@@ -39,12 +45,13 @@ from edge.mqtt.metrics import HostMetrics
 from edge.mqtt.outbox import FILENAME as OUTBOX_FILENAME
 from edge.mqtt.outbox import Outbox
 from edge.mqtt.security import read_password, tls_context
-from edge.mqtt.topics import Topics, valid_topic_name
+from edge.mqtt.topics import Topics, valid_tag, valid_topic_name
 from edge.mqtt.wire import dumps as _dumps
 
 _LOGGER = logging.getLogger(__name__)
 
 WINDOW = 64  # unacknowledged outbox messages on the wire
+_NETWORK_CHECK_S = 5.0  # how often a connected bridge checks that paho's network thread lives
 HANDOFF_MAX = 10_000  # events waiting for the outbox thread; oldest dropped on overflow
 _PARTIALS = frozenset({EventType.TRANSCRIPT_PARTIAL, EventType.REPLY_PARTIAL})
 _RESERVED = ("seq", "message_id", "device_id")
@@ -113,11 +120,17 @@ class _Counters:
 
 class MqttBridge:
     def __init__(self, cfg: MqttConfig, device_id: str, state_dir: Path, controller: cmds.Controller,
-                 *, version: str, models: Mapping[str, str],
+                 *, version: str, models: Mapping[str, str], tags: Sequence[str] = (),
                  reconnect_min_s: float = 1.0, reconnect_max_s: float = 30.0) -> None:
         self._mqtt = _paho()
         self.cfg = cfg
         self.topics = Topics(cfg.prefix, device_id)
+        for tag in tags:
+            if not isinstance(tag, str) or not valid_tag(tag):
+                raise ConfigError(f"device.tags: {tag!r} is not a usable tag: 1-64 characters of letters, "
+                                  "digits and _ . : = - (e.g. 'site:paris', 'lang:fr'), starting with a "
+                                  "letter or digit")
+        self._tags = sorted(set(tags))
         if cfg.ha_discovery and not valid_topic_name(cfg.ha_prefix):
             raise ConfigError(f"mqtt.ha_prefix: {cfg.ha_prefix!r} is not a usable topic prefix")
         self._password = read_password(cfg)
@@ -146,9 +159,13 @@ class MqttBridge:
         self._state = "online"
         self._state_fields: dict[str, Any] = {}
         self._status_dirty = False
+        self._last_turn: dict[str, Any] | None = None
+        self._last_error: dict[str, Any] | None = None
+        self._knowledge: dict[str, Any] | None = None
+        self._online_since: float | None = None
         self._session: _Session | None = None  # set only while connected
         self._current: _Session | None = None  # the attempt in progress, connected or not
-        self._last_error: str | None = None
+        self._conn_error: str | None = None
         self._down_since: float | None = None  # monotonic time the last connection was lost
         self._stopping = threading.Event()
         self._flush_until: float | None = None
@@ -165,7 +182,7 @@ class MqttBridge:
     @property
     def last_error(self) -> str | None:
         """Why the last connection attempt failed or ended, for status displays; None when fine."""
-        return self._last_error
+        return self._conn_error
 
     @property
     def outbox_depth(self) -> int:
@@ -198,7 +215,10 @@ class MqttBridge:
         except (TypeError, ValueError) as err:
             _LOGGER.warning("MQTT: cannot serialise %s event: %s", event.type, err)
             return
-        item = (self.topics.event(event.type.value), payload, event.type in _PARTIALS)
+        kind = event.type
+        if kind is EventType.TURN_END or kind is EventType.ERROR:
+            self._note(kind, body)
+        item = (self.topics.event(kind.value), payload, kind in _PARTIALS)
         with self._handoff_lock:
             if self._closed:
                 _LOGGER.debug("MQTT: %s event after stop() not sent", event.type)
@@ -218,6 +238,33 @@ class MqttBridge:
             self._state_fields = dict(fields)
             self._status_dirty = True
         self._wake.set()  # published by the outbox thread: the caller may be the audio pipeline
+
+    def set_knowledge(self, pack: Mapping[str, Any] | None) -> None:
+        """The venue knowledge pack in use (e.g. its name and version), shown in the status."""
+        with self._status_lock:
+            self._knowledge = dict(pack) if pack is not None else None
+            self._status_dirty = True
+        self._wake.set()
+
+    def _note(self, kind: EventType, body: Mapping[str, Any]) -> None:
+        """Keep the last turn or error for the status; the outbox thread republishes it."""
+        if kind is EventType.TURN_END:
+            timings = body.get("timings_ms")
+            first_audio = timings.get("end_of_speech_to_first_audio") if isinstance(timings, dict) else None
+            note: dict[str, Any] = {"time": body.get("time"), "turn_id": body.get("turn_id"),
+                                    "outcome": body.get("outcome"), "trigger": body.get("trigger"),
+                                    "first_audio_ms": first_audio}
+        else:
+            message = body.get("message")
+            note = {"time": body.get("time"), "turn_id": body.get("turn_id"), "code": body.get("code"),
+                    "message": message[:300] if isinstance(message, str) else message}
+        with self._status_lock:
+            if kind is EventType.TURN_END:
+                self._last_turn = note
+            else:
+                self._last_error = note
+            self._status_dirty = True
+        # No wake-up of its own: the event just handed off wakes the outbox thread.
 
     def set_metrics_source(self, fn: Callable[[], dict]) -> None:
         self._metrics_source = fn
@@ -262,20 +309,33 @@ class MqttBridge:
 
     # --- payloads --------------------------------------------------------------------------
 
+    def _sticky(self) -> dict[str, Any]:
+        """What the status says whatever the state; called with the status lock held."""
+        online = self._online_since
+        return {"tags": self._tags, "knowledge": self._knowledge, "last_turn": self._last_turn,
+                "last_error": self._last_error, "online_since": round(online, 3) if online else None}
+
     def _status_payload(self) -> bytes:
         with self._status_lock:
             state, fields = self._state, dict(self._state_fields)
+            sticky = self._sticky()
             self._status_dirty = False
         body = dict(fields)
+        body.update(sticky)
         body.update(state=state, device_id=self.topics.device_id, version=self._version,
                     models=self._models, started=round(self._started_wall, 3),
                     uptime_s=round(time.monotonic() - self._started, 1), time=round(time.time(), 3))
         return _dumps(body)
 
     def _offline_payload(self, reason: str) -> bytes:
-        return _dumps({"state": "offline", "reason": reason, "device_id": self.topics.device_id,
-                       "version": self._version, "started": round(self._started_wall, 3),
-                       "time": round(time.time(), 3)})
+        """The offline status: published on a clean stop, and the Last Will, whose ``time`` is
+        when the connection was made (the broker publishes it later, unchanged)."""
+        with self._status_lock:
+            body = self._sticky()
+        body["online_since"] = None
+        body.update(state="offline", reason=reason, device_id=self.topics.device_id, version=self._version,
+                    models=self._models, started=round(self._started_wall, 3), time=round(time.time(), 3))
+        return _dumps(body)
 
     def _publish_status(self, client: Any) -> None:
         try:
@@ -285,7 +345,7 @@ class MqttBridge:
 
     def bridge_info(self) -> dict[str, Any]:
         c = self._counters
-        return {"connected": self.connected, "last_error": self._last_error,
+        return {"connected": self.connected, "last_error": self._conn_error,
                 "outbox": {"depth": self._outbox.depth, "max": self._outbox.max_rows,
                            "dropped": self._outbox.dropped + self._handoff_overflow,
                            "partials_skipped": c.partials_skipped},
@@ -359,7 +419,7 @@ class MqttBridge:
             return "connection refused (no broker listening on that port?)"
         except socket.gaierror as err:
             return f"cannot resolve host {cfg.host!r}: {err.strerror}"
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             return "timed out connecting"
         except OSError as err:
             return err.strerror or str(err)
@@ -374,11 +434,11 @@ class MqttBridge:
     def _fail(self, message: str) -> None:
         self._counters.connect_failures += 1
         full = f"MQTT broker {self.cfg.host}:{self.cfg.port}: {message}"
-        if full != self._last_error:
+        if full != self._conn_error:
             _LOGGER.warning("%s; retrying with backoff", full)
         else:
             _LOGGER.debug("%s; retrying", full)
-        self._last_error = full
+        self._conn_error = full
 
     def _run_connection(self) -> None:
         failures = 0
@@ -393,7 +453,7 @@ class MqttBridge:
                     self._fail(error)
                 else:
                     session.client.loop_start()
-                    session.ended.wait()
+                    self._wait_ended(session)
                     session.client.disconnect()
                     session.client.loop_stop()
                     # paho keeps its wake-up socket pair open until the client is collected;
@@ -410,6 +470,24 @@ class MqttBridge:
             delay = min(self._backoff[1], self._backoff[0] * 2 ** min(max(0, failures - 1), 20))
             # Jitter keeps a fleet from reconnecting in lock-step after a broker restart.
             self._stopping.wait(delay * random.uniform(0.5, 1.0))
+
+    def _wait_ended(self, session: _Session) -> None:
+        """Until the connection ends. paho's network thread can also end without calling
+        on_disconnect (when select() fails, e.g. on a descriptor above 1023 in a process with
+        many connections); a slow check of that thread keeps the device from waiting forever."""
+        network = getattr(session.client, "_thread", None)
+        while not session.ended.wait(_NETWORK_CHECK_S):
+            if network is not None and not network.is_alive():
+                if not self._stopping.is_set():
+                    self._fail("paho's network thread ended without a disconnect (a socket it cannot "
+                               "select() on?)")
+                    _LOGGER.error("MQTT: the network thread of %s ended unexpectedly; reconnecting",
+                                  self._client_id)
+                session.connected = False
+                if self._session is session:
+                    self._session = None
+                session.ended.set()
+                self._wake.set()
 
     def _on_connect(self, session: _Session, rc: Any, props: Any) -> None:
         if rc.is_failure:
@@ -435,13 +513,15 @@ class MqttBridge:
             client.subscribe([(f, opts) for f in self.topics.command_filters])
         else:
             client.subscribe([(f, 1) for f in self.topics.command_filters])
+        with self._status_lock:
+            self._online_since = time.time()
         self._publish_status(client)
         if self.cfg.ha_discovery:
             for topic, payload in discovery_messages(self.topics, self.cfg.ha_prefix, self._version):
                 client.publish(topic, payload, qos=1, retain=True)
         session.connected = session.accepted = True
         self._counters.connects += 1
-        self._last_error = None
+        self._conn_error = None
         self._session = session
         down = self._down_since
         _LOGGER.info("MQTT: connected to %s:%s as %s; %d event(s) to send%s", self.cfg.host, self.cfg.port,
@@ -458,8 +538,8 @@ class MqttBridge:
                 self._session = None
             if not self._stopping.is_set():
                 why = f"the broker said: {rc}" if from_broker else (session.socket_error or "connection lost")
-                self._last_error = f"MQTT broker {self.cfg.host}:{self.cfg.port}: disconnected ({why})"
-                _LOGGER.warning("%s; events are kept in the outbox", self._last_error)
+                self._conn_error = f"MQTT broker {self.cfg.host}:{self.cfg.port}: disconnected ({why})"
+                _LOGGER.warning("%s; events are kept in the outbox", self._conn_error)
         elif not session.ended.is_set() and not self._stopping.is_set():
             why = session.socket_error or str(rc)
             if self._tls is not None:

@@ -16,8 +16,9 @@ import json
 import math
 import time
 import unicodedata
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
 
 from edge.config import AudioConfig, ConversationConfig, LlmConfig, SttConfig
 from edge.errors import EdgeError

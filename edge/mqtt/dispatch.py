@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import queue
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from edge.errors import EdgeError
 from edge.mqtt import commands as cmds

@@ -17,9 +17,9 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from edge.errors import EdgeError
 

@@ -4,10 +4,15 @@
 ``<prefix>/<id>/cmd/<name>`` and ``<prefix>/all/cmd/<name>``; answers for clients without
 MQTT v5 response topics go to ``<prefix>/<id>/cmd/<name>/result`` (always the device's own
 namespace, so a broker ACL of ``<prefix>/%u/#`` is enough for a device to answer).
+
+The fleet side (``FleetTopics``) asks for answers on ``<prefix>/<id>/answers/<client>``, inside
+the device's namespace for the same reason, and keeps its own markers under
+``<prefix>/all/fleet/<client>/``, which no device reads or writes.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from edge.config import DEVICE_ID_RE
@@ -15,6 +20,12 @@ from edge.errors import ConfigError
 
 FLEET = "all"
 _MAX_TOPIC_BYTES = 65535
+_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=-]{0,63}$")
+
+
+def valid_tag(tag: str) -> bool:
+    """A device tag ("site:paris", "booth", "lang:fr"): 1-64 of letters, digits, ``_ . : = -``."""
+    return bool(_TAG_RE.match(tag))
 
 
 def valid_topic_name(topic: str) -> bool:
@@ -96,3 +107,45 @@ class Topics:
             if topic == own or topic.startswith(own if own.endswith("/") else own + "/"):
                 return False
         return True
+
+
+@dataclass(frozen=True)
+class FleetTopics:
+    """Topic filters and names the fleet side uses; ``Topics`` is the device's half."""
+
+    prefix: str
+
+    def __post_init__(self) -> None:
+        Topics(self.prefix, "x")  # the same prefix rules
+
+    def status(self, device_id: str = "+") -> str:
+        return f"{self.prefix}/{device_id}/status"
+
+    def events(self, device_id: str = "+", event_type: str = "#") -> str:
+        return f"{self.prefix}/{device_id}/event/{event_type}"
+
+    def command(self, device_id: str, name: str) -> str:
+        return f"{self.prefix}/{device_id}/cmd/{name}"
+
+    def results(self, name: str) -> str:
+        """Where devices without MQTT v5 answer ``name`` (matched by request id)."""
+        return f"{self.prefix}/+/cmd/{name}/result"
+
+    def answers(self, device_id: str, client: str) -> str:
+        return f"{self.prefix}/{device_id}/answers/{client}"
+
+    def marker(self, client: str) -> str:
+        return f"{self.prefix}/{FLEET}/fleet/{client}/sync"
+
+    def device_of(self, topic: str) -> str | None:
+        """The device id of a topic under the prefix, else None."""
+        head = self.prefix + "/"
+        if not topic.startswith(head):
+            return None
+        device, _, _rest = topic[len(head):].partition("/")
+        return device if device and device != FLEET else None
+
+    @staticmethod
+    def shared(group: str, topic_filter: str) -> str:
+        """An MQTT v5 shared subscription: each message goes to one member of ``group``."""
+        return f"$share/{group}/{topic_filter}"
