@@ -52,7 +52,9 @@ class MirrorServer:
 
     ``drop_after[path] = n`` closes the connection after n body bytes, once per path
     (``drop_every``: on every request);
-    ``delay_s`` sleeps between 64 kB blocks (a slow link, so a test can kill a download).
+    ``delay_s`` sleeps between 64 kB blocks (a slow link);
+    ``hold_after = n`` stops sending after n body bytes until ``release`` is set (a download a
+    test can kill half-way, whatever the machine's speed).
     """
 
     def __init__(self, directory: Path) -> None:
@@ -61,6 +63,8 @@ class MirrorServer:
         self.drop_after: dict[str, int] = {}
         self.drop_every: dict[str, int] = {}
         self.delay_s = 0.0
+        self.hold_after: int | None = None
+        self.release = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -132,6 +136,9 @@ class MirrorServer:
                     return
                 h.wfile.write(block)
                 sent += len(block)
+                if self.hold_after is not None and sent >= self.hold_after and sent < len(body):
+                    h.wfile.flush()
+                    self.release.wait(60)
                 if self.delay_s:
                     time.sleep(self.delay_s)
         except (BrokenPipeError, ConnectionResetError):

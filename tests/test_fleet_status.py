@@ -173,4 +173,4 @@ def test_noting_turns_and_errors_keeps_publish_event_cheap(tmp_path: Path, broke
         p.close()
     means = {k: statistics.fmean(v) / 1000 for k, v in costs.items()}
     print("\npublish_event mean: " + ", ".join(f"{k} {v:.1f} us" for k, v in means.items()))
-    assert means["turn.end"] < 500, means  # the same loose bound as every event's (tens of microseconds)
+    assert means["turn.end"] < 5000, means  # tens of microseconds; the bound catches blocking, not load

@@ -185,7 +185,7 @@ def test_kill_9_during_download(env: Env) -> None:
     new = payload(3_000_000, 14)
     env.publish("a.bin", new)
     env.manifest([file_entry("a.bin", new, role="model")])
-    env.server.delay_s = 0.02  # about 3 s for the whole file
+    env.server.hold_after = 400_000  # the server stops there until the fetch has been killed
     proc = env.cli.popen("fetch", "--model", "m")
     try:
         parts = lambda: [p for p in (env.tmp / "cache").rglob("*.part") if p.stat().st_size > 300_000]  # noqa: E731
@@ -194,7 +194,8 @@ def test_kill_9_during_download(env: Env) -> None:
         _kill9(proc)
     _assert_old_version_still_active(env, version, old)
 
-    env.server.delay_s = 0
+    env.server.hold_after = None
+    env.server.release.set()
     done = env.cli("fetch", "--model", "m")
     assert done.returncode == 0, done.stderr
     resumed = env.requests("a.bin")[-1]

@@ -306,7 +306,8 @@ def test_publish_event_costs_the_pipeline_microseconds(tmp_path: Path, broker: M
     mean_us = statistics.fmean(costs) / 1000
     p99_us = sorted(costs)[int(len(costs) * 0.99)] / 1000
     print(f"\npublish_event: mean {mean_us:.1f} us, p99 {p99_us:.1f} us, max {max(costs) / 1000:.1f} us")
-    assert mean_us < 500, f"publish_event mean {mean_us:.1f} us"
+    # Tens of microseconds here; the bound catches blocking (the network, a disk sync), not a busy machine.
+    assert mean_us < 5000, f"publish_event mean {mean_us:.1f} us"
 
 
 def test_a_full_outbox_drops_the_oldest_and_metrics_count_it(tmp_path: Path, probes) -> None:
