@@ -52,11 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure the pipeline's latency stage by stage against a sequential baseline")
     p.add_argument("--config", "-c", default="config/dev.toml", metavar="FILE",
                    help="config to measure (default: config/dev.toml)")
-    p.add_argument("--profile", choices=("dev", "phi3-shaped"), default="dev",
-                   help="dev: the config's models; phi3-shaped: a random-weight Phi-3-mini-sized LLM")
+    p.add_argument("--profile", choices=("dev", "phi3-shaped", "llama3.2-1b-shaped", "qwen2.5-1.5b-shaped",
+                                         "qwen2.5-0.5b-shaped"), default="dev",
+                   help="dev: the config's models; *-shaped: a random-weight LLM of that model's shapes")
+    p.add_argument("--cpu-quota", type=float, metavar="F",
+                   help="run as a slower CPU: the whole process held to F of this machine's CPU time (0.05-1)")
+    p.add_argument("--slow", action="store_true",
+                   help="the CPU quota at which plain Phi-3-mini generation runs at a slow machine's 5 tokens/s")
     p.add_argument("--turns", type=int, default=5, metavar="N", help="scripted turns (default 5)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--plot", metavar="OUT.png", help="draw a waterfall of the median turn")
+    p.add_argument("--timeline", metavar="OUT.png",
+                   help="draw what computed when in the median turn (decodes, prefill, generation, synthesis)")
     p.add_argument("--no-plain", action="store_true",
                    help="skip measuring plain llama-cpp-python for the generation-speed comparison")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning")
@@ -130,14 +137,21 @@ def _dispatch(args: argparse.Namespace) -> int:
     if cmd == "bench":
         import json
 
-        from edge.devtools.bench import format_report, plot_waterfall, run_bench
+        from edge.devtools.bench import format_report, plot_timeline, plot_waterfall, run_bench
 
         if args.turns < 1:
             raise EdgeError("--turns must be at least 1", code="usage")
+        if args.cpu_quota is not None and not 0.05 <= args.cpu_quota <= 1.0:
+            raise EdgeError("--cpu-quota must be between 0.05 and 1", code="usage")
+        if args.cpu_quota is not None and args.slow:
+            raise EdgeError("--cpu-quota and --slow both set the speed: use one", code="usage")
         cfg = _load(args)
-        report = run_bench(cfg, args.profile, args.turns, plain=not args.no_plain)
+        report = run_bench(cfg, args.profile, args.turns, plain=not args.no_plain, cpu_quota=args.cpu_quota,
+                           slow=args.slow, timeline=bool(args.timeline))
         if args.plot:
             plot_waterfall(report, args.plot)
+        if args.timeline:
+            plot_timeline(report, args.timeline)
         print(json.dumps(report, indent=2) if args.json else format_report(report))
         return 0
     if cmd == "eval":

@@ -32,6 +32,33 @@ from edge.signals import Flag
 
 
 @dataclass(frozen=True)
+class Span:
+    """A stretch of computing, for a benchmark's timeline (monotonic seconds)."""
+
+    kind: str  # stt | tts | llm-prefill | llm-prompt | llm-gen | ...
+    start: float
+    end: float
+    detail: str = ""
+
+
+class Trace:
+    """Spans recorded while a benchmark looks (``CpuPolicy.trace``); nothing is kept otherwise."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.spans: list[Span] = []
+
+    def add(self, kind: str, start: float, end: float, detail: str = "") -> None:
+        with self._lock:
+            self.spans.append(Span(kind, start, end, detail))
+
+    def take(self) -> list[Span]:
+        with self._lock:
+            out, self.spans = self.spans, []
+            return out
+
+
+@dataclass(frozen=True)
 class LlmShare:
     """What the LLM may use for its next evaluation."""
 
@@ -47,21 +74,26 @@ class CpuPolicy:
         self._busy = 0
         self._idle_since = 0.0
         self._expected_until = 0.0
+        self.trace: Trace | None = None  # a benchmark's timeline, when one is recorded
 
     # -- what the other stages report ----------------------------------------------------
     @contextmanager
-    def computing(self) -> Iterator[None]:
-        """A stretch of computing by a stage other than the LLM (a decode, a synthesis)."""
+    def computing(self, kind: str = "other") -> Iterator[None]:
+        """A stretch of computing by a stage other than the LLM (``kind``: stt, tts)."""
         with self._cond:
             self._busy += 1
+        start = time.monotonic()
         try:
             yield
         finally:
+            end = time.monotonic()
             with self._cond:
                 self._busy -= 1
                 if not self._busy:
-                    self._idle_since = time.monotonic()
+                    self._idle_since = end
                     self._cond.notify_all()
+            if self.trace is not None:
+                self.trace.add(kind, start, end)
 
     def decode_likely(self, seconds: float) -> None:
         """A decode will likely start within ``seconds`` (0: no longer expected).

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bench_dev_profile_json_and_plot(tmp_path: Path) -> None:
-    plot = tmp_path / "waterfall.png"
+    plot, timeline = tmp_path / "waterfall.png", tmp_path / "timeline.png"
+    # As a slightly slower CPU (a cgroup quota: CI runs as root), with the timeline recorded.
     proc = subprocess.run([sys.executable, "-m", "edge", "bench", "--profile", "dev", "--turns", "1", "--json",
-                           "--plot", str(plot)], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "--plot", str(plot), "--cpu-quota", "0.9", "--timeline", str(timeline)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["profile"] == "dev" and report["turns"] == 1
@@ -40,10 +43,50 @@ def test_bench_dev_profile_json_and_plot(tmp_path: Path) -> None:
     assert 0 < report["stt_rtf"] < 5 and 0 < report["tts_rtf"] < 5
     assert report["median_turn"]["transcript"] and report["median_turn"]["reply"]
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["machine"]["cpu_quota"] == 0.9
+    # The timeline: decodes before the end of the question, the reply's prompt and generation,
+    # a synthesis before the first audio; milestones in order.
+    turn = report["median_turn"]
+    kinds = {sp["kind"] for sp in turn["spans"]}
+    assert {"stt", "llm-prompt", "llm-gen", "tts"} <= kinds, kinds
+    assert all(sp["start_ms"] <= sp["end_ms"] for sp in turn["spans"])
+    assert min(sp["start_ms"] for sp in turn["spans"] if sp["kind"] == "stt") < 0
+    first_tts = min(sp["start_ms"] for sp in turn["spans"] if sp["kind"] == "tts")
+    assert first_tts <= s["end_of_speech_to_first_audio"] + 1
+    marks = [mk["type"] for mk in turn["marks"]]
+    assert marks[0] == "speech.start" and "transcript.final" in marks and marks[-1] == "tts.start", marks
+    assert timeline.stat().st_size > 10_000 and timeline.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_rejects_bad_arguments() -> None:
-    proc = subprocess.run([sys.executable, "-m", "edge", "bench", "--turns", "0"], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1 and "edge-voice: error: --turns must be at least 1" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    for args, line in ((["--turns", "0"], "--turns must be at least 1"),
+                       (["--cpu-quota", "2"], "--cpu-quota must be between 0.05 and 1"),
+                       (["--cpu-quota", "0.5", "--slow"], "--cpu-quota and --slow both set the speed")):
+        proc = subprocess.run([sys.executable, "-m", "edge", "bench", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1 and f"edge-voice: error: {line}" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_cpu_quota_moves_the_process_into_a_limited_group_and_back() -> None:
+    from edge.devtools.cpulimit import PERIOD_US, limit_cpu
+
+    def group() -> str:
+        # cgroup v1: the line whose controllers include cpu; else v2's one line.
+        rows = [ln.split(":", 2) for ln in Path("/proc/self/cgroup").read_text().splitlines()]
+        v1 = [r[2] for r in rows if "cpu" in r[1].split(",")]
+        return v1[0] if v1 else next(r[2] for r in rows if r[0] == "0")
+
+    before = group()
+    limit = limit_cpu(0.5)
+    try:
+        assert limit.group.name in group()
+        quota = limit.group / "cpu.cfs_quota_us"
+        if quota.exists():
+            assert int(quota.read_text()) == int(0.5 * (os.cpu_count() or 1) * PERIOD_US)
+        else:
+            assert (limit.group / "cpu.max").read_text().split() == [
+                str(int(0.5 * (os.cpu_count() or 1) * PERIOD_US)), str(PERIOD_US)]
+    finally:
+        limit.release()
+    assert group() == before and not limit.group.exists()

@@ -158,3 +158,47 @@ def test_phi3_mini_shaped_vocabulary_reads_at_english_pace() -> None:
     assert 1.2 < len(sample) / len(words) < 1.5
     assert 4.0 < letters < 7.0
     assert 1.0 < syllables < 1.8
+
+
+def test_random_q4_0_blocks_dequantize_to_sane_weights() -> None:
+    rows = gguf_synth._random_q4_0(np.random.default_rng(1), 4, 256)
+    assert rows.shape == (4, 8 * 18) and rows.dtype == np.uint8
+    weights = gguf.quants.dequantize(rows, gguf.GGMLQuantizationType.Q4_0)
+    assert weights.shape == (4, 256) and np.isfinite(weights).all()
+    assert abs(float(weights.mean())) < 0.005 and 0.01 < float(weights.std()) < 0.05
+    with pytest.raises(SynthError, match="multiple of 32"):
+        gguf_synth._random_q4_0(np.random.default_rng(1), 1, 40)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_shaped_writer_follows_the_shape_and_runs(tmp_path: Path, arch: str) -> None:
+    """The writer behind the bench's Llama/Qwen profiles, on a small shape of the same kind:
+    grouped-query heads, Q4_0 weights (Qwen's q/k/v biases), a vocabulary above Phi-3's."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    shape = gguf_synth.Shape(arch, 128, 256, 2, 4, 2, 33000, rope_base=1e6)
+    path = gguf_synth.write_shaped(tmp_path / f"{arch}.gguf", shape)
+    meta, reader = _fields(path)
+    assert meta["general.architecture"] == arch
+    assert (meta[f"{arch}.embedding_length"], meta[f"{arch}.feed_forward_length"], meta[f"{arch}.block_count"],
+            meta[f"{arch}.attention.head_count"], meta[f"{arch}.attention.head_count_kv"]) == (128, 256, 2, 4, 2)
+    assert len(meta["tokenizer.ggml.tokens"]) == 33000
+    tensors = {t.name: t for t in reader.tensors}
+    assert tensors["blk.1.attn_k.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_0
+    assert list(tensors["blk.1.attn_k.weight"].shape) == [128, 64]  # 2 kv heads of 32
+    assert list(tensors["blk.0.ffn_down.weight"].shape) == [256, 128]
+    assert ("blk.0.attn_q.bias" in tensors) == (arch == "qwen2")
+    del reader
+    llm = llama_cpp.Llama(str(path), n_ctx=64, n_threads=1, verbose=False)
+    try:
+        llm.eval(llm.tokenize(b"<|user|>\nHello<|end|>\n<|assistant|>\n", add_bos=True, special=True))
+        assert 0 <= llm.sample(temp=0.0) < 33000
+    finally:
+        llm.close()
+
+
+def test_shapes_match_the_published_models() -> None:
+    """The bench compares these with Phi-3-mini: sizes from each model's config.json."""
+    s = gguf_synth.SHAPES
+    assert (s["llama3.2-1b"].n_embd, s["llama3.2-1b"].n_layer, s["llama3.2-1b"].n_head_kv) == (2048, 16, 8)
+    assert (s["qwen2.5-1.5b"].n_embd, s["qwen2.5-1.5b"].n_ff, s["qwen2.5-1.5b"].n_layer) == (1536, 8960, 28)
+    assert (s["qwen2.5-0.5b"].n_embd, s["qwen2.5-0.5b"].n_head, s["qwen2.5-0.5b"].n_vocab) == (896, 14, 151936)

@@ -35,7 +35,7 @@ from edge.app import Stages, load_stages, resolve_models
 from edge.audio.chunk import CHUNK_SAMPLES, SAMPLE_RATE, AudioChunk, resample
 from edge.audio.wav import write_wav
 from edge.config import Config
-from edge.cpu import CpuPolicy
+from edge.cpu import CpuPolicy, Trace
 from edge.errors import EdgeError
 from edge.signals import CancelScope
 from edge.tts.base import Synthesizer
@@ -76,6 +76,10 @@ class TurnResult:
     stages_ms: dict[str, float] = field(default_factory=dict)
     llm: dict[str, float] = field(default_factory=dict)
     baseline_ms: dict[str, float] = field(default_factory=dict)
+    # With --timeline: what computed when (ms from the true end of the question), and when
+    # the pipeline's milestones came.
+    spans: list[dict[str, Any]] = field(default_factory=list)
+    marks: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _voiced_end(x: np.ndarray, threshold: int = 300) -> int:
@@ -107,35 +111,83 @@ def percentile(values: list[float], p: float) -> float:
 
 
 # -- setup ---------------------------------------------------------------------------------
-def bench_config(cfg: Config, profile: str) -> tuple[Config, Path | None]:
-    """The config to measure and, for phi3-shaped, the GGUF to load instead of ``llm.model``."""
-    if profile == "dev":
-        return cfg, None
-    if profile != "phi3-shaped":
-        raise EdgeError(f"unknown bench profile {profile!r}: use dev or phi3-shaped", code="bench.profile")
-    # Versioned: a change to the generator must not reuse an older file.
-    gguf = paths.cache_dir() / "bench" / "phi3-mini-shaped-v3.gguf"
+# Random-weight LLMs of real shapes: profile -> (file in the cache, writer name in gguf_synth).
+# Versioned file names: a change to a generator must not reuse an older file.
+SHAPED_PROFILES = {
+    "phi3-shaped": "phi3-mini-shaped-v3.gguf",
+    "llama3.2-1b-shaped": "llama3.2-1b-shaped-q4_0-v1.gguf",
+    "qwen2.5-1.5b-shaped": "qwen2.5-1.5b-shaped-q4_0-v1.gguf",
+    "qwen2.5-0.5b-shaped": "qwen2.5-0.5b-shaped-q4_0-v1.gguf",
+}
+PROFILES = ("dev", *SHAPED_PROFILES)
+
+
+def shaped_gguf(profile: str) -> Path:
+    """The profile's random-weight GGUF, written into the cache the first time."""
+    gguf = paths.cache_dir() / "bench" / SHAPED_PROFILES[profile]
     if not gguf.exists():
-        from edge.devtools.gguf_synth import write_phi3_mini_shaped
+        from edge.devtools import gguf_synth
 
         gguf.parent.mkdir(parents=True, exist_ok=True)
-        print(f"bench: writing a random-weight Phi-3-mini-shaped GGUF to {gguf} (about 2.2 GB, once)",
-              file=sys.stderr)
+        kind = "phi3-mini-shaped" if profile == "phi3-shaped" else profile
+        print(f"bench: writing a random-weight {kind} GGUF to {gguf} (once)", file=sys.stderr)
         tmp = gguf.with_name(gguf.name + ".part")
-        write_phi3_mini_shaped(tmp)
+        gguf_synth._WRITERS[kind](tmp)
         os.replace(tmp, gguf)
-    # Random weights never choose to stop: cap the reply like a real short answer.
-    llm = dataclasses.replace(cfg.llm, model="phi3-mini-shaped", chat_template="phi3",
+    return gguf
+
+
+def bench_config(cfg: Config, profile: str) -> tuple[Config, Path | None]:
+    """The config to measure and, for a shaped profile, the GGUF to load instead of ``llm.model``."""
+    if profile == "dev":
+        return cfg, None
+    if profile not in SHAPED_PROFILES:
+        raise EdgeError(f"unknown bench profile {profile!r}: use {', '.join(PROFILES)}", code="bench.profile")
+    gguf = shaped_gguf(profile)
+    # Random weights never choose to stop: cap the reply like a real short answer. Every shape
+    # carries Phi-3's chat tokens, so the prompts are alike.
+    llm = dataclasses.replace(cfg.llm, model=profile, chat_template="phi3",
                               max_tokens=min(cfg.llm.max_tokens, 40), temperature=0.0)
     return dataclasses.replace(cfg, llm=llm), gguf
 
 
-def load_bench_stages(cfg: Config, gguf: Path | None) -> Stages:
-    return load_stages(cfg, CpuPolicy(share=cfg.llm.share_cores), llm_path=gguf)
+def load_bench_stages(cfg: Config, gguf: Path | None, cpu: CpuPolicy | None = None) -> Stages:
+    return load_stages(cfg, cpu or CpuPolicy(share=cfg.llm.share_cores), llm_path=gguf)
+
+
+# -- a slower CPU -------------------------------------------------------------------------------------
+SLOW_PLAIN_TPS = 5.2  # plain generation on the Phi-3 shape on a slow machine of our kind (AVX2, 2 cores)
+
+
+def calibrate_slow(cfg: Config, target_tps: float = SLOW_PLAIN_TPS, log: TextIO = sys.stderr) -> float:
+    """The CPU quota at which plain generation on the Phi-3 shape runs near ``target_tps``: measured
+    at full speed, then twice more under the quota, each time scaled by what it missed by."""
+    from edge.devtools.cpulimit import limit_cpu
+
+    gguf = shaped_gguf("phi3-shaped")
+    full = plain_llama_tokens_per_s(gguf, cfg)
+    if not full:
+        raise EdgeError("--slow: plain llama-cpp-python could not be measured", code="bench.calibrate")
+    quota = min(1.0, target_tps / full)
+    print(f"bench: plain generation {full} tokens/s at full speed; trying a CPU quota of {quota:.2f}", file=log)
+    for _ in range(2):
+        limit = limit_cpu(quota)
+        try:
+            got = plain_llama_tokens_per_s(gguf, cfg)
+        finally:
+            limit.release()
+        if not got:
+            break
+        print(f"bench: {got} tokens/s at a quota of {quota:.2f}", file=log)
+        quota = min(1.0, max(0.02, quota * target_tps / got))
+    return round(quota, 3)
 
 
 # -- one pipelined turn ----------------------------------------------------------------------
-def run_turn(cfg: Config, stages: Stages, audio: TurnAudio, workdir: Path) -> TurnResult:
+_MARKS = ("speech.start", "transcript.partial", "speech.end", "transcript.final", "reply.partial", "tts.start")
+
+
+def run_turn(cfg: Config, stages: Stages, audio: TurnAudio, workdir: Path, trace: Trace | None = None) -> TurnResult:
     from edge.simulate import simulate
 
     wav = workdir / "turn.wav"
@@ -158,6 +210,20 @@ def run_turn(cfg: Config, stages: Stages, audio: TurnAudio, workdir: Path) -> Tu
     for key in STAGES[1:]:
         if key in timings:
             out.stages_ms[key] = round(timings[key] + shift_ms, 1)
+    if trace is not None:
+        # Events carry the wall clock, spans the monotonic one; the feed is real time, so the
+        # true end of the question is the speech.end event's time less the VAD's lag.
+        wall_minus_mono = time.time() - time.monotonic()
+        zero = speech_end[0]["time"] - (speech_end[0]["audio_time"] - audio.speech_end)
+        out.spans = [{"kind": sp.kind, "start_ms": round(1000 * (sp.start + wall_minus_mono - zero), 1),
+                      "end_ms": round(1000 * (sp.end + wall_minus_mono - zero), 1), "detail": sp.detail}
+                     for sp in trace.take()]
+        seen: set[str] = set()
+        for e in ev:
+            if e["type"] in _MARKS and (e["type"] == "transcript.partial" or e["type"] not in seen):
+                seen.add(e["type"])
+                out.marks.append({"type": e["type"], "ms": round(1000 * (e["time"] - zero), 1),
+                                  "text": str(e.get("text", ""))[:40]})
     if stages.chat is not None:
         stats = stages.chat.last_stats
         out.llm = {"prompt_tokens": stats.prompt_tokens, "cached_tokens": stats.cached_tokens,
@@ -276,11 +342,40 @@ def plain_llama_tokens_per_s(gguf: Path, cfg: Config, n_tokens: int = 32) -> flo
 
 # -- the whole benchmark ---------------------------------------------------------------------------
 def run_bench(cfg: Config, profile: str = "dev", turns: int = 5, *, plain: bool = True,
+              cpu_quota: float | None = None, slow: bool = False, timeline: bool = False,
               log: TextIO = sys.stderr) -> dict[str, Any]:
+    """``cpu_quota``: run as a slower CPU (a fraction of this machine's cores); ``slow``: the quota
+    at which plain generation on the Phi-3 shape runs at a slow machine's 5 tokens/s;
+    ``timeline``: record every decode, prefill slice, generation step and synthesis."""
+    from edge.devtools.cpulimit import limit_cpu
+
+    if slow:
+        cpu_quota = calibrate_slow(cfg, log=log)
+    limit = limit_cpu(cpu_quota) if cpu_quota is not None else None
+    try:
+        report = _run_bench(cfg, profile, turns, plain=plain, timeline=timeline, log=log)
+    finally:
+        if limit is not None:
+            limit.release()
+    report["machine"]["cpu_quota"] = cpu_quota
+    report["machine"]["cores_allowed"] = round(limit.cores, 2) if limit is not None else os.cpu_count()
+    if limit is not None and report.get("wake_vad_cpu_percent") is not None:
+        # CPU time per second of audio does not grow under a quota, but the cores it stands for
+        # are slower: as a share of one of them.
+        report["wake_vad_cpu_percent_of_a_slowed_core"] = round(
+            report["wake_vad_cpu_percent"] * (os.cpu_count() or 1) / limit.cores, 2)
+    return report
+
+
+def _run_bench(cfg: Config, profile: str, turns: int, *, plain: bool, timeline: bool,
+               log: TextIO) -> dict[str, Any]:
     cfg, gguf = bench_config(cfg, profile)
     t0 = time.monotonic()
-    stages = load_bench_stages(cfg, gguf)
+    policy = CpuPolicy(share=cfg.llm.share_cores)
+    stages = load_bench_stages(cfg, gguf, policy)
     load_s = time.monotonic() - t0
+    if timeline:
+        policy.trace = Trace()
     try:
         print(f"bench: models loaded in {load_s:.1f} s; {turns} turn(s), profile {profile}", file=log)
         synth = stages.synth
@@ -290,11 +385,14 @@ def run_bench(cfg: Config, profile: str = "dev", turns: int = 5, *, plain: bool 
         results: list[TurnResult] = []
         with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
             for i, audio in enumerate(audios):
-                r = run_turn(cfg, stages, audio, Path(tmp))
+                if policy.trace is not None:
+                    policy.trace.take()
+                r = run_turn(cfg, stages, audio, Path(tmp), policy.trace)
                 results.append(r)
                 print(f"bench: turn {i + 1}/{turns}: {r.transcript!r} -> {r.reply[:60]!r} "
                       f"first audio after {r.stages_ms.get('end_of_speech_to_first_audio', float('nan')):.0f} ms",
                       file=log)
+        policy.trace = None  # the baseline below is not part of any turn's timeline
         # What the daemon holds: every model loaded and the turns run, before the baseline's
         # whole-reply synthesis (which a daemon never does) can raise the high-water mark.
         pipeline_rss = peak_rss_mb()
@@ -368,8 +466,12 @@ def summarize(cfg: Config, profile: str, results: list[TurnResult], cpu: float |
 
 
 def format_report(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    speed = ""
+    if m.get("cpu_quota"):
+        speed = f" held to {m['cpu_quota']:.2f} of their time ({m['cores_allowed']} cores' worth)"
     lines = [f"edge-voice bench: profile {r['profile']}, {r['turns']} turns, "
-             f"{r['machine']['cpus']} CPUs {r['machine']['arch']}, LLM {r['config']['llm_model']}",
+             f"{m['cpus']} CPUs {m['arch']}{speed}, LLM {r['config']['llm_model']}",
              "", f"{'stage (ms from the end of the question)':44} {'p50':>8} {'p90':>8}"]
     for key, v in r["stages_ms"].items():
         lines.append(f"{key:44} {v['p50']:8.0f} {v['p90']:8.0f}")
@@ -438,6 +540,58 @@ def plot_waterfall(r: dict[str, Any], out: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("ms after the end of the question")
     ax.set_title(f"edge-voice, median turn ({r['profile']}): {turn['question']}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+_LANES = ("stt", "llm-prefill", "llm-prompt", "llm-gen", "tts")
+_LANE_COLORS = {"stt": "tab:green", "llm-prefill": "tab:olive", "llm-prompt": "tab:orange",
+                "llm-gen": "tab:red", "tts": "tab:blue"}
+
+
+def plot_timeline(r: dict[str, Any], out: Path) -> None:
+    """The median turn as lanes of computing (decodes, prefill slices, prompt evaluation,
+    generation steps, synthesis) with the pipeline's milestones, from the start of the
+    question to the first audio: where the wait goes on this machine."""
+    turn = r["median_turn"]
+    if not turn.get("spans"):
+        raise EdgeError("--timeline needs a run that recorded one", code="bench.timeline")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise EdgeError("--timeline needs matplotlib: pip install 'edge-voice[bench]'",
+                        code="dependency.missing") from None
+    first_audio = turn["stages_ms"].get("end_of_speech_to_first_audio", 0.0)
+    starts = [m["ms"] for m in turn["marks"] if m["type"] == "speech.start"]
+    x0 = min(starts) - 300 if starts else -3000.0
+    x1 = first_audio + 600
+    fig, ax = plt.subplots(figsize=(11, 4))
+    for i, lane in enumerate(_LANES):
+        bars = [(s["start_ms"], max(1.0, s["end_ms"] - s["start_ms"])) for s in turn["spans"]
+                if s["kind"] == lane and s["end_ms"] >= x0 and s["start_ms"] <= x1]
+        ax.broken_barh(bars, (i - 0.35, 0.7), color=_LANE_COLORS[lane])
+    for m in turn["marks"]:
+        if not x0 <= m["ms"] <= x1:
+            continue
+        partial = m["type"] == "transcript.partial"
+        ax.axvline(m["ms"], color="gray" if partial else "black", lw=0.6 if partial else 1.0,
+                   ls=":" if partial else "--")
+        if not partial:
+            ax.text(m["ms"], len(_LANES) - 0.4, " " + m["type"], rotation=90, va="bottom", fontsize=7)
+    ax.axvline(0, color="purple", lw=1.5)
+    ax.axvline(first_audio, color="tab:blue", lw=1.5)
+    ax.text(first_audio, -0.9, f" first audio {first_audio:.0f} ms", fontsize=8, color="tab:blue")
+    ax.set_yticks(range(len(_LANES)), list(_LANES))
+    ax.set_ylim(-1.2, len(_LANES) + 1.6)
+    ax.set_xlim(x0, x1)
+    ax.set_xlabel("ms after the end of the question (0)")
+    m = r["machine"]
+    quota = f", CPU quota {m['cpu_quota']:.2f}" if m.get("cpu_quota") else ""
+    ax.set_title(f"edge-voice median turn ({r['profile']}{quota}): {turn['question']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -24,6 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -378,7 +379,137 @@ def write_phi3_mini_shaped(path: Path, *, seed: int = 0,
     return _write_atomically(path, build)
 
 
-_WRITERS: dict[str, Callable[[Path], Path]] = {"tiny-phi3": write_tiny_phi3, "phi3-mini-shaped": write_phi3_mini_shaped}
+_Q4_0_BLOCK = 32
+_Q4_0_BLOCK_BYTES = 18
+
+
+def _random_q4_0(rng: Any, n_rows: int, n_cols: int) -> np.ndarray:
+    """Valid Q4_0 blocks (an f16 scale and 32 nibbles) with random quants, as a (rows, bytes) array:
+    the quantization llama.cpp repacks for ARM's dot-product and for AVX2."""
+    import numpy as np
+
+    if n_cols % _Q4_0_BLOCK:
+        raise SynthError(f"Q4_0 rows need a multiple of {_Q4_0_BLOCK} columns, got {n_cols}")
+    n_blocks = n_rows * n_cols // _Q4_0_BLOCK
+    blocks = np.frombuffer(rng.bytes(n_blocks * _Q4_0_BLOCK_BYTES), dtype=np.uint8).copy()
+    blocks = blocks.reshape(n_blocks, _Q4_0_BLOCK_BYTES)
+    blocks[:, 0:2] = np.array([3e-3], dtype=np.float16).view(np.uint8)
+    return blocks.reshape(n_rows, n_cols // _Q4_0_BLOCK * _Q4_0_BLOCK_BYTES)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A published small model's architecture, as llama.cpp sees it."""
+
+    arch: str  # llama | qwen2 | phi3
+    n_embd: int
+    n_ff: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_vocab: int
+    rope_base: float = 10000.0
+    tied: bool = True  # the output matrix is the token embedding
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+# The shapes of models a Pi-class device could run instead of Phi-3-mini (from their configs).
+SHAPES: dict[str, Shape] = {
+    "llama3.2-1b": Shape("llama", 2048, 8192, 16, 32, 8, 128256, rope_base=500000.0),
+    "qwen2.5-1.5b": Shape("qwen2", 1536, 8960, 28, 12, 2, 151936, rope_base=1000000.0),
+    "qwen2.5-0.5b": Shape("qwen2", 896, 4864, 24, 14, 2, 151936, rope_base=1000000.0),
+}
+
+
+def write_shaped(path: Path, shape: Shape, *, seed: int = 0) -> Path:
+    """Random Q4_0 weights with ``shape``'s exact sizes (separate q/k/v with grouped-query heads,
+    gated feed-forward), Phi-3's chat tokens in a vocabulary of the model's size: its text is
+    meaningless, its speed and memory are the real model's."""
+    gguf = _require_gguf()
+    import numpy as np
+
+    specials = dict(PHI3_SPECIAL_TOKENS)
+    tokens, scores, types = _spm_vocab(_mini_pieces() + _more_pieces(shape.n_vocab), shape.n_vocab, specials)
+    rng = np.random.default_rng(seed)
+    q40 = gguf.GGMLQuantizationType.Q4_0
+    f32 = np.float32
+    kv = shape.n_head_kv * shape.head_dim
+    embd = _random_q4_0(rng, shape.n_vocab, shape.n_embd)
+    wq, wk, wv = (_random_q4_0(rng, n, shape.n_embd) for n in (shape.n_embd, kv, kv))
+    wo = _random_q4_0(rng, shape.n_embd, shape.n_embd)
+    gate, up = (_random_q4_0(rng, shape.n_ff, shape.n_embd) for _ in range(2))
+    down = _random_q4_0(rng, shape.n_embd, shape.n_ff)
+    ones = np.ones(shape.n_embd, dtype=f32)
+    bias = {n: np.zeros(n, dtype=f32) for n in (shape.n_embd, kv)}
+
+    def build(tmp: Path) -> None:
+        a = shape.arch
+        w = gguf.GGUFWriter(tmp, a)
+        w.add_name(f"{a} shaped random")
+        w.add_context_length(4096)
+        w.add_embedding_length(shape.n_embd)
+        w.add_feed_forward_length(shape.n_ff)
+        w.add_block_count(shape.n_layer)
+        w.add_head_count(shape.n_head)
+        w.add_head_count_kv(shape.n_head_kv)
+        w.add_layer_norm_rms_eps(1e-5)
+        w.add_rope_dimension_count(shape.head_dim)
+        w.add_rope_freq_base(shape.rope_base)
+        w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(tokens.index("<|endoftext|>"))
+        w.add_unk_token_id(0)
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+        w.add_chat_template(PHI3_GGUF_CHAT_TEMPLATE)
+        w.add_tensor("token_embd.weight", embd, raw_dtype=q40)
+        w.add_tensor("output_norm.weight", ones)
+        if not shape.tied:
+            w.add_tensor("output.weight", embd, raw_dtype=q40)
+        for i in range(shape.n_layer):
+            p = f"blk.{i}."
+            w.add_tensor(p + "attn_norm.weight", ones)
+            w.add_tensor(p + "attn_q.weight", wq, raw_dtype=q40)
+            w.add_tensor(p + "attn_k.weight", wk, raw_dtype=q40)
+            w.add_tensor(p + "attn_v.weight", wv, raw_dtype=q40)
+            if a == "qwen2":
+                w.add_tensor(p + "attn_q.bias", bias[shape.n_embd])
+                w.add_tensor(p + "attn_k.bias", bias[kv])
+                w.add_tensor(p + "attn_v.bias", bias[kv])
+            w.add_tensor(p + "attn_output.weight", wo, raw_dtype=q40)
+            w.add_tensor(p + "ffn_norm.weight", ones)
+            w.add_tensor(p + "ffn_gate.weight", gate, raw_dtype=q40)
+            w.add_tensor(p + "ffn_up.weight", up, raw_dtype=q40)
+            w.add_tensor(p + "ffn_down.weight", down, raw_dtype=q40)
+        _finish(w)
+
+    return _write_atomically(path, build)
+
+
+def _more_pieces(n_vocab: int) -> list[str]:
+    """Two-syllable pseudo-words to fill a vocabulary larger than Phi-3's."""
+    words = [a + b for a in ("ba", "ke", "lo", "mi", "nu", "pa", "ri", "so", "tu", "ve", "wa", "zo", "da", "fe",
+                             "gi", "ho", "ja", "ku", "le", "mo")
+             for b in (o + v + c for o in _ONSETS for v in _VOWELS for c in _CODAS[:20])]
+    return [_SPM_SPACE + w for w in words[: max(0, n_vocab - 32000)]]
+
+
+def _shaped_writer(shape: Shape) -> Callable[[Path], Path]:
+    return lambda out: write_shaped(out, shape)
+
+
+_WRITERS: dict[str, Callable[[Path], Path]] = {
+    "tiny-phi3": write_tiny_phi3, "phi3-mini-shaped": write_phi3_mini_shaped,
+    **{f"{name}-shaped": _shaped_writer(shape) for name, shape in SHAPES.items()},
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

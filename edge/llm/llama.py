@@ -249,7 +249,7 @@ class LlamaChatModel:
         return n
 
     def _eval(self, tokens: Sequence[int], stopped: Callable[[], str | None] | None = None,
-              turn: int | None = None, prefill: bool = False) -> str | None:
+              turn: int | None = None, prefill: bool = False, kind: str = "llm-prompt") -> str | None:
         """Evaluate in slices; returns why it stopped early, or None when all were evaluated.
 
         The CPU policy says how many threads each slice may use; a prefill's slices are
@@ -264,9 +264,14 @@ class LlamaChatModel:
                 return why
             share = self._cpu.llm_share(self._threads, prefill=prefill)
             n = (1 if share.one_token else PREFILL_SLICE) if prefill else EVAL_SLICE
+            t0 = time.monotonic()
             with self._lock:
                 self._check_open()
                 self._decode(tokens[i:i + n], share.threads)
+            trace = self._cpu.trace
+            if trace is not None:
+                trace.add("llm-prefill" if prefill else kind, t0, time.monotonic(),
+                          f"{len(tokens[i:i + n])} tokens, {share.threads[0]} threads")
             i += n
         return None
 
@@ -494,7 +499,7 @@ class LlamaChatModel:
                     why = "max_tokens"
                 if why is None:
                     t_eval = time.monotonic()
-                    why = self._eval([token])
+                    why = self._eval([token], kind="llm-gen")
                     stats.generate_s += time.monotonic() - t_eval
         except BaseException:
             why = why or "error"

@@ -137,7 +137,7 @@ class StreamingRecognizer(FeedingRecognizer):
         if self._closed:
             raise closed_error()
         t0 = time.perf_counter()
-        with self._cpu.computing():
+        with self._cpu.computing("stt"):
             s = self._rec.create_stream()
             s.accept_waveform(SAMPLE_RATE, samples.astype(np.float32) / 32768.0)
             s.accept_waveform(SAMPLE_RATE, np.zeros(int(TAIL_PADDING_S * SAMPLE_RATE), np.float32))
@@ -158,7 +158,7 @@ class StreamingRecognizer(FeedingRecognizer):
         if not self._rec.is_ready(self._stream):
             return False
         t0 = time.perf_counter()
-        with self._cpu.computing():
+        with self._cpu.computing("stt"):
             while self._rec.is_ready(self._stream):
                 self._rec.decode_stream(self._stream)
         self._decode_s += time.perf_counter() - t0

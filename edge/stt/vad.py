@@ -237,7 +237,7 @@ class VadOfflineRecognizer(FeedingRecognizer):
     def _recognize(self, samples: np.ndarray) -> tuple[str, float]:
         """Decode ``samples`` with the offline model; (text, seconds)."""
         t0 = time.perf_counter()
-        with self._cpu.computing():  # the features too: a prefill slice must not start beside the decode
+        with self._cpu.computing("stt"):  # the features too: a prefill slice must not start beside the decode
             stream = self._rec.create_stream()
             stream.accept_waveform(SAMPLE_RATE, samples.astype(np.float32) / 32768.0)
             self._rec.decode_stream(stream)

@@ -192,7 +192,7 @@ class SherpaSynthesizer:
                         job.pieces.put(pcm)
                     return 0 if job.stopped() else 1
 
-                with self._cpu.computing():
+                with self._cpu.computing("tts"):
                     self._tts.generate("", gen, on_audio)
             except Exception as err:  # reported to the consumer, which raises StageError
                 job.pieces.put(err)
