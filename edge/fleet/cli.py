@@ -1,4 +1,4 @@
-"""``edge-voice fleet``: devices, tail, cmd, record, simulate (and rollout, when it lands).
+"""``edge-voice fleet``: devices, tail, cmd, record, console, simulate (and rollout, when it lands).
 
 ``add_fleet_parser(subparsers)`` adds the command to the edge-voice parser; ``run_fleet(args)``
 runs it. Exit status: 0 when everything worked, 1 for a mistake or an unreachable broker or
@@ -79,6 +79,10 @@ def add_fleet_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
                    help="how long the broker keeps events for this consumer while it is away (86400)")
     p.add_argument("--json", action="store_true", help="print the final counts as JSON")
 
+    from edge.fleet.console.cli import add_console_parser
+
+    add_console_parser(sub, conn)
+
     p = sub.add_parser("simulate", parents=[conn], help="simulated devices (the real MQTT bridge, no models)")
     p.add_argument("--devices", type=int, required=True, metavar="N")
     p.add_argument("--processes", type=int, default=0, metavar="P",
@@ -109,6 +113,10 @@ def run_fleet(args: argparse.Namespace) -> int:
         return _simulate(args, cfg)
     if command == "record":
         return _record(args, cfg)
+    if command == "console":
+        from edge.fleet.console.cli import run_console
+
+        return run_console(args, cfg)
     from edge.fleet.client import FleetClient
 
     client = FleetClient(cfg, role=command)
