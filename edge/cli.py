@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", metavar="OUT.wav", help="write the spoken replies here")
     p.add_argument("--realtime", action="store_true", help="feed the input at real-time speed throughout")
     p.add_argument("--summary", action="store_true", help="print the transcript and reply on stderr too")
+    p.add_argument("--echo", metavar="GAIN_DB[:DELAY_MS]",
+                   help="mix the device's own voice back into the microphone, GAIN_DB relative to the visitor's "
+                        "voice (0, -10), DELAY_MS after it plays (default 50), through a synthetic room")
 
     p = sub.add_parser("check", help="validate a config and that its models are installed")
     _add_config(p)
@@ -52,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure the pipeline's latency stage by stage against a sequential baseline")
     p.add_argument("--config", "-c", default="config/dev.toml", metavar="FILE",
                    help="config to measure (default: config/dev.toml)")
-    p.add_argument("--profile", choices=("dev", "phi3-shaped", "llama3.2-1b-shaped", "qwen2.5-1.5b-shaped",
-                                         "qwen2.5-0.5b-shaped"), default="dev",
+    p.add_argument("--profile", choices=("dev", "phi3-shaped", "phi3-mini-q4_0-shaped", "llama3.2-1b-shaped",
+                                         "qwen2.5-1.5b-shaped", "qwen2.5-0.5b-shaped"), default="dev",
                    help="dev: the config's models; *-shaped: a random-weight LLM of that model's shapes")
     p.add_argument("--cpu-quota", type=float, metavar="F",
                    help="run as a slower CPU: the whole process held to F of this machine's CPU time (0.05-1)")
@@ -126,10 +129,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_fleet(args)
     if cmd == "simulate":
-        from edge.simulate import simulate, summary_lines
+        from edge.simulate import Echo, simulate, summary_lines
 
+        echo = Echo.parse(args.echo) if args.echo is not None else None
         cfg = _load(args)
-        result = simulate(cfg, args.input, args.output, realtime=args.realtime, out=sys.stdout)
+        result = simulate(cfg, args.input, args.output, realtime=args.realtime, out=sys.stdout, echo=echo)
         if args.summary:
             for line in summary_lines(result.events):
                 print(line, file=sys.stderr)

@@ -83,6 +83,22 @@ class AudioConfig:
     echo_guard_ms: int = opt(200, "Without echo cancellation: how long after the device's own sound has left "
                              "the speaker the microphone stays silenced (room echo, capture latency).",
                              min=0, max=3000)
+    aec_engine: str = opt("speex", "Echo cancellation in the daemon, with what it plays as the reference, before "
+                          "the wake word and the VAD: speex (the system's libspeexdsp1), webrtc (WebRTC AEC3: "
+                          "pip install 'edge-voice[aec]'), or none (a platform echo-cancel source: set "
+                          "echo_cancel = true).", choices=("speex", "webrtc", "none"))
+    aec_delay_ms: int = opt(0, "Extra delay of the echo beyond the speaker's reported latency (a driver's unreported "
+                            "buffer); speex also finds it by itself (aec_auto_delay).", min=0, max=1000)
+    aec_input_latency_ms: int = opt(0, "Capture latency: how long before a chunk is delivered its first sample was "
+                                    "heard, beyond the chunk itself.", min=0, max=1000)
+    aec_tail_ms: int = opt(200, "speex: the echo path length its filter spans (delay mismatch plus the room).",
+                           min=20, max=1000)
+    aec_auto_delay: bool = opt(True, "speex: find an echo delay the timestamps miss by cross-correlating what was "
+                               "played with what was heard.")
+    aec_max_delay_ms: int = opt(500, "The longest such delay looked for.", min=50, max=2000)
+    aec_converged_db: float = opt(10.0, "Until the canceller removes this much echo (it learns the room during the "
+                                  "first replies), the device keeps the echo rule: only the wake word interrupts it "
+                                  "and the microphone is silenced after its own sound.", min=0.0, max=60.0)
 
 
 @dataclass(frozen=True)
@@ -183,8 +199,11 @@ class TtsConfig:
 class ConversationConfig:
     mode: str = opt("wake", "wake: the wake word starts a turn; push-to-talk: only a command or button; "
                     "handset: off-hook starts a session.", choices=("wake", "push-to-talk", "handset"))
-    barge_in: str = opt("wake", "What interrupts the device while it thinks or speaks.",
-                        choices=("wake", "none"))
+    barge_in: str = opt("wake", "What interrupts the device while it thinks or speaks: wake (the wake word), "
+                        "speech (also a visitor who talks over it for barge_in_speech_s; needs echo "
+                        "cancellation, audio.aec_engine), none.", choices=("wake", "speech", "none"))
+    barge_in_speech_s: float = opt(0.6, "barge_in = speech: this much speech over the device's voice interrupts it "
+                                   "and becomes the next question.", min=0.2, max=5.0)
     follow_up_s: float = opt(0.0, "After a reply, listen this long for a follow-up without the wake word.",
                              min=0.0, max=60.0)
     greeting: str = opt("Hello, how can I help?", "Spoken when a handset is lifted.")
@@ -203,6 +222,30 @@ class ConversationConfig:
     gpio_bias: str = opt("pull-up", "Bias for the button and hook lines.",
                          choices=("as-is", "pull-up", "pull-down", "disabled"))
     gpio_debounce_ms: int = opt(20, "Debounce for the button and hook lines.", min=0, max=1000)
+
+
+@dataclass(frozen=True)
+class TurnConfig:
+    llm_view: bool = opt(True, "At the pause, ask the LLM whether the words so far are a finished turn: the "
+                         "probability of its end-of-turn token after them, from the logits the prefill "
+                         "computes anyway (no extra model).")
+    detector: str = opt("none", "An audio end-of-turn model as a second view: none, or smart-turn (pipecat's Smart "
+                        "Turn v3.2 on the last 8 s; one core, 30-140 ms a call).", choices=("none", "smart-turn"))
+    model: str = opt("smart-turn-v3.2", "The audio end-of-turn model id (manifest).")
+    num_threads: int = opt(1, "Threads for the audio model.", min=1, max=4)
+    llm_weight: float = opt(1.0, "Weight of the LLM's view in the combined log-odds.", min=0.0, max=10.0)
+    audio_weight: float = opt(1.0, "Weight of the audio model's view.", min=0.0, max=10.0)
+    complete_at: float = opt(0.5, "At or above this combined probability that the sentence is finished, the "
+                             "turn ends at the pause. An LLM's probabilities are its own: calibrate them on the "
+                             "pause set with python -m edge.devtools.turn_eval --llm-model ID (SmolLM2-135M: 2e-5, "
+                             "in config/dev.toml); the default ends early only when the model is sure.",
+                             min=0.0, max=1.0)
+    incomplete_below: float = opt(0.0, "Below this the sentence is taken as unfinished and the turn ends only after "
+                                  "max_silence_s of silence; in between, after stt.endpoint_silence_s. The "
+                                  "default never waits longer than the fixed silence.", min=0.0, max=1.0)
+    max_silence_s: float = opt(1.6, "The silence an unfinished sentence is given before the turn ends anyway.",
+                               min=0.2, max=5.0)
+    enabled: bool = opt(True, "Decide the end of the turn at the pause; false: always stt.endpoint_silence_s.")
 
 
 @dataclass(frozen=True)
@@ -245,6 +288,27 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class RolloutConfig:
+    public_key: str = opt("", "The fleet's Ed25519 public key (PEM), installed at provisioning "
+                          "(scripts/provision --fleet-key). A rollout's release manifest must carry a valid "
+                          "signature by its private key. Empty: rollouts are refused.")
+    mirrors: list = opt([], "Mirrors a rollout may fetch from: http(s) URL prefixes "
+                        "(e.g. ['https://mirror.example.org/edge/']). A rollout naming any other mirror is "
+                        "refused. Empty: rollouts are refused.")
+    confirm_deadline_s: float = opt(600.0, "From the switch to a new version, how long loading it and its self-test "
+                                    "may take; past this the device switches back by itself.",
+                                    min=10.0, max=86400.0)
+    bandwidth_kbps: int = opt(0, "Download limit for rollouts in kilobits per second; 0: no limit. Downloads "
+                              "also pause while a visitor is speaking or being answered.", min=0, max=10_000_000)
+    selftest_text: str = opt("Where can I buy a ticket for the museum?",
+                             "The self-test's question: the voice says it, speech-to-text must hear it (within "
+                             "selftest_max_wer), the LLM answers it and the voice says the answer.")
+    selftest_max_wer: float = opt(0.5, "Highest word error rate of the self-test's transcript.", min=0.0, max=1.0)
+    selftest_max_ms: int = opt(30000, "A self-test that takes longer than this fails: a new version too slow for "
+                               "this device is switched back.", min=1, max=3_600_000)
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = opt("info", "Log level.", choices=("debug", "info", "warning", "error"))
 
@@ -258,8 +322,10 @@ class Config:
     llm: LlmConfig = field(default_factory=LlmConfig)
     tts: TtsConfig = field(default_factory=TtsConfig)
     conversation: ConversationConfig = field(default_factory=ConversationConfig)
+    turn: TurnConfig = field(default_factory=TurnConfig)
     knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = field(default="<defaults>", compare=False)
 
@@ -294,12 +360,14 @@ class Config:
         if self.wake.engine != "none":
             ids["wake"] = self.wake.model
         ids["stt"] = self.stt.model
-        if self.stt.engine == "vad-offline":
-            ids["vad"] = self.stt.vad_model
+        if self.stt.engine == "vad-offline" or self.conversation.barge_in == "speech":
+            ids["vad"] = self.stt.vad_model  # (also what hears a visitor talking over the device)
         ids["llm"] = self.llm.model
         if self.llm.adapter:
             ids["lora"] = self.llm.adapter
         ids["tts"] = self.tts.model
+        if self.turn.enabled and self.turn.detector != "none":
+            ids["turn"] = self.turn.model
         if self.knowledge.pack and self.knowledge.faq:
             ids["faq"] = self.knowledge.faq_model
         return {k: v for k, v in ids.items() if v}
@@ -422,6 +490,18 @@ def load_config(path: str | os.PathLike | None, environ: Mapping[str, str] | Non
         if value and not DEVICE_ID_RE.match(value):
             raise ConfigError(f"{source}: {key}: {value!r} must be 1-64 characters of a-z, 0-9, _ and -")
     cfg.wake.word_list()  # validate the nested tables now, not at start-up of the wake stage
+    for i, url in enumerate(cfg.rollout.mirrors):
+        if not isinstance(url, str) or not re.match(r"^https?://[^/\s?#@]+(/\S*)?$", url):
+            raise ConfigError(f"{source}: rollout.mirrors[{i}]: {url!r} is not an http(s) URL of a mirror")
+    if cfg.turn.incomplete_below > cfg.turn.complete_at:
+        raise ConfigError(f"{source}: turn.incomplete_below ({cfg.turn.incomplete_below:g}) must not exceed "
+                          f"turn.complete_at ({cfg.turn.complete_at:g})")
+    if cfg.turn.max_silence_s < cfg.stt.endpoint_silence_s:
+        raise ConfigError(f"{source}: turn.max_silence_s ({cfg.turn.max_silence_s:g}) must be at least "
+                          f"stt.endpoint_silence_s ({cfg.stt.endpoint_silence_s:g})")
+    if cfg.conversation.barge_in == "speech" and cfg.audio.aec_engine == "none" and not cfg.audio.echo_cancel:
+        raise ConfigError(f"{source}: conversation.barge_in = \"speech\" needs echo cancellation: set "
+                          "audio.aec_engine (speex or webrtc) or audio.echo_cancel = true")
     return cfg
 
 

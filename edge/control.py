@@ -2,12 +2,14 @@
 
 Calls arrive on the bridge's command thread. Each reaches the object that owns what it
 changes: the conversation (turns, mute, runtime settings, through its inbox), the speaker
-(volume), the LLM (sampling), the kiosk (the handset); the host reports status and reloads.
+(volume), the LLM (sampling), the kiosk (the handset); the host reports status, reloads and
+hands rollouts to its rollout manager.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from edge import __version__
@@ -38,6 +40,7 @@ class Host(Protocol):
     def reload_models(self) -> None: ...
     def apply_setting(self, key: str, value: Any) -> None: ...
     def handset(self, state: str) -> dict[str, Any]: ...
+    def rollout(self, request: Mapping[str, Any]) -> dict[str, Any]: ...
 
 
 class Controller:
@@ -88,6 +91,10 @@ class Controller:
             raise EdgeError(f"setting {key!r} cannot be changed at run time", code="cmd.forbidden")
         self.host.apply_setting(key, value)
         return {key: value}
+
+    def rollout(self, request: Mapping[str, Any]) -> dict:
+        """Queue a rollout of a signed model or pack version (edge.rollout); refused with its reason."""
+        return self.host.rollout(request)
 
     def reload_models(self) -> dict:
         self.host.reload_models()

@@ -1,10 +1,11 @@
 """The daemon (``edge-voice run``): the pipeline on a live microphone and speaker, under systemd.
 
-Start-up: load models → the MQTT bridge → open the speaker → warm the LLM → open the microphone
-→ GPIO lines → READY=1. The audio loop reads the microphone on its own thread and hands each
-chunk to the pipeline (echo gate, then the conversation's inbox); the watchdog is told only
-when audio really arrived. Shutdown on SIGTERM, in order: STOPPING=1 → stop the mic → cancel
-the turn → stop the speaker → flush the outbox, publish offline, disconnect → free models.
+Start-up: undo an unconfirmed rollout → load models → the MQTT bridge → open the speaker → warm
+the LLM → open the microphone → GPIO lines → READY=1. The audio loop reads the microphone on its
+own thread and hands each chunk to the pipeline (echo gate, then the conversation's inbox); the
+watchdog is told only when audio really arrived. Shutdown on SIGTERM, in order: STOPPING=1 → stop
+the mic → cancel the turn → stop the speaker → flush the outbox, publish offline, disconnect →
+free models.
 
 Devices come and go without a restart. A microphone whose stream dies, or that delivers
 nothing for ``audio.input_stall_s``, is closed and reopened with back-off (PortAudio
@@ -155,6 +156,11 @@ class Daemon:
         _LOGGER.info("edge-voice %s starting as %s; notify backend: %s", __version__, cfg.device_id,
                      self.notifier.backend, extra=log_fields(message_id=MessageId.STARTING))
         self.status(Status.LOADING_MODELS)
+        from edge.rollout.journal import recover
+
+        # A rollout that switched but was never confirmed (power cut, crash, kill) is undone before
+        # anything loads: the device starts on the version it had.
+        recover(cfg.state_dir, cfg.models_dir, cfg.packs_dir)
         pipe = self.pipeline
         pipe.load()
         _LOGGER.info("models ready", extra=log_fields(stage="models", message_id=MessageId.MODEL_LOADED))

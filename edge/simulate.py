@@ -118,15 +118,41 @@ def feed_wav(conv: Conversation, clock: FeedClock, samples: np.ndarray, *, realt
         pos += CHUNK_SAMPLES
 
 
+@dataclass(frozen=True)
+class Echo:
+    """The device's own voice in the microphone: ``relative_db`` to the visitor's voice (the input's
+    speech level), ``delay_ms`` after it is played, through a synthetic room (0.3 s RT60)."""
+
+    relative_db: float = 0.0
+    delay_ms: float = 50.0
+
+    @classmethod
+    def parse(cls, text: str) -> Echo:
+        """``GAIN_DB[:DELAY_MS]``, e.g. ``0``, ``-10``, ``-10:120``."""
+        gain, _, delay = text.partition(":")
+        try:
+            echo = cls(float(gain), float(delay) if delay else 50.0)
+        except ValueError:
+            raise EdgeError(f"--echo {text!r}: give GAIN_DB[:DELAY_MS], e.g. 0 or -10:120", code="usage") from None
+        if not (-60 <= echo.relative_db <= 20 and 0 <= echo.delay_ms <= 1000):
+            raise EdgeError(f"--echo {text!r}: the gain must be within -60..20 dB and the delay 0..1000 ms",
+                            code="usage")
+        return echo
+
+
 def simulate(cfg: Config, input_wav: str | Path, output_wav: str | Path | None, *, realtime: bool = False,
-             out: TextIO | None = None, stages: Stages | None = None, bus: EventBus | None = None) -> SimResult:
-    """Run the pipeline over a WAV. Raises EdgeError for bad input or missing models."""
+             out: TextIO | None = None, stages: Stages | None = None, bus: EventBus | None = None,
+             echo: Echo | None = None) -> SimResult:
+    """Run the pipeline over a WAV. Raises EdgeError for bad input or missing models.
+
+    ``echo``: mix what the device plays back into the microphone, as a loudspeaker beside it would.
+    """
     samples, info = read_wav(input_wav)
     _LOGGER.info("input %s: %.1f s, %d Hz, %d channel(s), %s %d-bit", input_wav, info.duration_s,
                  info.rate, info.channels, info.fmt, info.bits)
     result = SimResult()
     clock = FeedClock()
-    pipe = Pipeline(cfg, clock=clock, bus=bus, stages=stages)
+    pipe = Pipeline(cfg, clock=clock, bus=bus, stages=stages, timeline_clock=True)
     pipe.bus.subscribe(result.events.append)
     if out is not None:
         pipe.bus.subscribe(JsonLinePrinter(out))
@@ -136,15 +162,43 @@ def simulate(cfg: Config, input_wav: str | Path, output_wav: str | Path | None, 
         speaker = WavSpeaker(pipe.output_rate, str(output_wav) if output_wav else None, clock, realtime=True,
                              volume=cfg.audio.volume)
         conv = pipe.open(speaker)
+        hear: Callable[[AudioChunk, bool], None] = lambda chunk, wait: pipe.hear(chunk, wait=wait)  # noqa: E731
+        if echo is not None:
+            hear = _echo_path(echo, pipe, speaker, samples, hear)
         pipe.connect()
         pipe.start()
-        feed_wav(conv, clock, samples, realtime=realtime, hear=lambda chunk, wait: pipe.hear(chunk, wait=wait))
+        feed_wav(conv, clock, samples, realtime=realtime, hear=hear)
     finally:
         pipe.close(bridge_timeout=10.0)  # deliver what the run produced before going offline
     result.reply_audio = speaker.audio() if speaker is not None else None
     result.reply_rate = pipe.output_rate
     result.played = list(speaker.played) if speaker is not None else []
     return result
+
+
+def _echo_path(echo: Echo, pipe: Pipeline, speaker: WavSpeaker, samples: np.ndarray,
+               hear: Callable[[AudioChunk, bool], None]) -> Callable[[AudioChunk, bool], None]:
+    """What the speaker plays reaches the microphone: the gain set from the voice's speech level
+    (a sentence in it) and the visitor's (the input's)."""
+    from edge.audio.aec import EchoPath, active_level_dbfs, echo_gain
+    from edge.audio.chunk import resample
+
+    synth = pipe.stages.synth if pipe.stages is not None else None
+    if synth is None:
+        raise EdgeError("--echo needs a text-to-speech voice (tts.model): the echo is the device's voice",
+                        code="usage")
+    from edge.signals import CancelScope
+
+    voice = np.concatenate(list(synth.synthesize("This is how loud the device speaks in this room.", CancelScope())))
+    device = active_level_dbfs(resample(voice, synth.sample_rate, SAMPLE_RATE))
+    visitor = active_level_dbfs(samples)
+    if not np.isfinite(visitor):
+        visitor = -26.0  # a silent input: a visitor at a usual level
+    path = EchoPath(delay_s=echo.delay_ms / 1000, gain=echo_gain(device, visitor, echo.relative_db))
+    speaker.on_played(lambda block, rate, at: path.play(block, rate, int(round(at * SAMPLE_RATE))))
+    _LOGGER.info("echo: the device's voice at %+.0f dB to the visitor's (%.1f dBFS), %.0f ms late",
+                 echo.relative_db, visitor, echo.delay_ms)
+    return lambda chunk, wait: hear(path.mix(chunk), wait)
 
 
 def summary_lines(events: list[Event]) -> list[str]:

@@ -211,3 +211,38 @@ def test_the_device_does_not_wake_itself_when_its_reply_says_the_wake_word() -> 
     assert hits(mic) >= 1  # without cancellation the reply wakes the device
     cleaned = run(EchoCanceller(AecSettings(engine="webrtc")), mic, reply)
     assert hits(cleaned) == 0
+
+
+def test_fifty_replies_over_echo_no_self_wake_and_the_visitor_still_barges_in() -> None:
+    """50 replies in the dev voice back to back (8 of them say "hey Jarvis"), their echo at 0 dB
+    to the visitor through a room, as one stream the canceller learns on: the device never wakes
+    itself, and a visitor's "hey Jarvis" over each reply is still heard (rates printed with and
+    without the canceller)."""
+    from edge.config import load_config
+    from edge.devtools import echo_eval as ev
+    from edge.models.registry import ModelRegistry
+    from edge.wake import make_wake_detector
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "config" / "dev.toml")
+    det = make_wake_detector(cfg.wake, ModelRegistry().resolve(cfg.wake.model).files)
+    assert det is not None
+    texts = [ev.REPLIES[i % len(ev.REPLIES)] for i in range(50)]
+    replies = [say(t) for t in texts]
+    level = active_level_dbfs(np.concatenate(replies))
+    rir = room_impulse_response(rt60_s=0.3, seed=7)
+    alone = ev.build_stream(replies, [None] * 50, relative_db=0.0, delay_s=0.06, rir=rir,
+                            visitor_at=lambda i, n: 0, device_dbfs=level, seed=1)
+    wake = at_level(say("Hey Jarvis."), ev.VISITOR_DBFS)
+    over = ev.build_stream(replies, [wake] * 50, relative_db=0.0, delay_s=0.06, rir=rir,
+                           visitor_at=lambda i, n: min(int((1.0 + 0.3 * (i % 6)) * RATE), max(n - RATE, 0)),
+                           device_dbfs=level, seed=2)
+    rates = {}
+    for engine in ("none", "speex"):
+        self_wakes = ev.wake_hits(det, ev.cancel(alone, engine, replies, RATE, 0).audio)
+        hits = ev.wake_hits(det, ev.cancel(over, engine, replies, RATE, 0).audio)
+        heard = {k for t in hits if (k := ev.in_spans(t, over.visitor, ev.HIT_WINDOW_S)) is not None}
+        rates[engine] = (len(self_wakes), len(heard) / 50)
+    print(f"\n50 replies, echo at 0 dB: (self-wakes, barge-in rate) without cancelling {rates['none']}, "
+          f"with speexdsp {rates['speex']}")
+    assert rates["none"][0] > 0  # the replies that say it do wake a device that hears itself
+    assert rates["speex"][0] == 0 and rates["speex"][1] >= 0.9, rates

@@ -536,3 +536,25 @@ def test_the_evaluated_system_prompt_is_kept_on_disk_and_loaded_by_the_next_star
         assert _reply(third, [], "Hi")[0] == expected
     finally:
         third.close()
+
+
+def test_smollm2_end_of_turn_view_is_read_by_the_prefill_for_free(smol, monkeypatch: pytest.MonkeyPatch) -> None:
+    """P(the chat template's end of turn) right after the words: the prefill reads it on its way
+    through the prompt, so at the pause the view costs no evaluation; the reply that follows
+    evaluates only the punctuation and the template's tail."""
+    history: list = []
+    finished, unfinished = "How many legs does a spider have?", "Can you tell me where the"
+    smol.forget()
+    smol.warm(smol.cfg.system_prompt)
+    direct = [smol.end_of_turn_probability(history, t) for t in (finished, unfinished)]
+    assert all(p is not None and 0.0 < p < 1.0 for p in direct)
+    assert direct[0] > 100 * direct[1], direct  # a finished question, against a sentence cut short
+    smol.forget()
+    smol.warm(smol.cfg.system_prompt)
+    smol._views.clear()
+    smol.prefill(history, finished)
+    seen = _evals(smol, monkeypatch)
+    assert smol.end_of_turn_probability(history, finished) == pytest.approx(direct[0], rel=1e-6)
+    assert seen == []  # read by the prefill: nothing evaluated at the pause
+    _, stats = _reply(smol, history, finished)
+    assert stats.evaluated_tokens == 1  # the prefill's prompt was kept for the reply

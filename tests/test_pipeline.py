@@ -189,4 +189,27 @@ def test_a_venue_answers_an_faq_question_from_ready_audio_and_others_from_its_fa
     assert result.reply_audio is not None
     said = ears.hear(result.reply_audio[:first], result.reply_rate)
     assert {"adult", "ticket", "pounds"} <= set(words(said)), said
-    assert len(list((venue_cache / "faq-audio").glob("*.npy"))) == len(load_pack(PACK).faq)
+    # (every answer's audio, and the fallback line's)
+    assert len(list((venue_cache / "faq-audio").glob("*.npy"))) == len(load_pack(PACK).faq) + 1
+
+
+def test_the_end_of_the_turn_is_decided_at_the_pause(tmp_path: Path) -> None:
+    """A pause inside the sentence longer than the endpoint silence is not a cut-off when the LLM
+    says the words so far are unfinished; a finished question ends at the pause, before the
+    endpoint silence has passed."""
+    cfg = load_config(DEV)
+    # A slower endpoint than dev's, so that a loaded machine has time to read the view; the pause
+    # inside the first question is longer still.
+    cfg = dataclasses.replace(cfg, stt=dataclasses.replace(cfg.stt, endpoint_silence_s=1.0),
+                              turn=dataclasses.replace(cfg.turn, max_silence_s=2.0))
+    wav = tmp_path / "turns.wav"
+    write_wav(wav, conversation(0.5, "Hey Jarvis.", 0.4, "Can you tell me,", 1.3, "where the nearest train station is?",
+                                6.0, "Hey Jarvis.", 0.4, "How many legs does a spider have?", 2.5), 16000)
+    ev = [e.as_dict() for e in simulate(cfg, wav, None, realtime=True).events]
+    finals = of_type(ev, "transcript.final")
+    assert len(finals) == 2, [e["type"] for e in ev]
+    assert "train station" in finals[0]["text"].lower(), finals[0]  # the whole sentence, not "Can you tell me"
+    assert finals[1]["end_of_turn"]["silence_s"] == 0.0, finals[1]
+    assert finals[1]["end_of_turn"]["views"]["text"] >= cfg.turn.complete_at
+    ends = of_type(ev, "turn.end")
+    assert ends[1]["timings_ms"]["endpoint_delay"] < 1000 * cfg.stt.endpoint_silence_s, ends[1]["timings_ms"]

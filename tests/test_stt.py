@@ -608,3 +608,66 @@ def test_speech_that_ends_inside_the_preroll_is_not_a_question(whisper: Recogniz
     updates = run(whisper, np.concatenate([tail, silence(1.2), say("what time is it"), silence(1.5)]),
                   preroll_s=0.3)
     assert kinds(updates)[-1] == FINAL and wer("what time is it", updates[-1].text)[0] == 0
+
+
+# -- end of turn: the conversation moves the endpoint at a pause ------------------------------------
+
+def _run_deciding(rec: Recognizer, audio: np.ndarray, decide: Callable[[int], float | None]) -> list[SttUpdate]:
+    """Feed ``audio``; at the n-th pause call ``set_endpoint(decide(n))`` (None: leave it)."""
+    cs = chunks(audio)
+    rec.start(cs[:10])
+    out: list[SttUpdate] = []
+    pauses = 0
+    for c in cs[10:]:
+        for u in rec.accept(c):
+            out.append(u)
+            if u.kind == PAUSE:
+                silence_s = decide(pauses)
+                pauses += 1
+                if silence_s is not None and (final := rec.set_endpoint(silence_s)) is not None:
+                    out.append(final)
+        if out and out[-1].kind == FINAL:
+            break
+    return out
+
+
+@pytest.fixture(scope="module")
+def whisper_turns(whisper_files: dict[str, Path], vad_files: dict[str, Path]) -> Iterator[Recognizer]:
+    cfg = SttConfig(engine="vad-offline", endpoint_silence_s=0.8, partial_interval_s=1.0)
+    rec = make_recognizer(cfg, whisper_files, vad_files, max_silence_s=1.8)
+    yield rec
+    rec.close()
+
+
+def test_whisper_endpoint_moves_with_the_end_of_turn_decision(whisper_turns: Recognizer, say) -> None:
+    audio = np.concatenate([silence(0.5), say("turn on the lights"), silence(1.1), say("in the kitchen"),
+                            silence(2.5)])
+    # Left alone, a 1.1 s pause inside the sentence ends the turn at the 0.8 s endpoint: a cut-off.
+    cut = _run_deciding(whisper_turns, audio, lambda n: None)
+    assert cut[-1].kind == FINAL and "kitchen" not in cut[-1].text.lower()
+    # "Unfinished": the sentence is given 1.8 s, so the rest of it is heard.
+    whole = _run_deciding(whisper_turns, audio, lambda n: 1.8 if n == 0 else None)
+    assert whole[-1].kind == FINAL and RESUME in kinds(whole), kinds(whole)
+    assert wer("turn on the lights in the kitchen", whole[-1].text)[0] <= 1, whole[-1].text
+    # "Finished" at the second pause: the final comes at once, with that pause's words, long before
+    # the endpoint silence.
+    now = _run_deciding(whisper_turns, audio, lambda n: 1.8 if n == 0 else 0.0)
+    pause, final = now[-2], now[-1]
+    assert (pause.kind, final.kind) == (PAUSE, FINAL) and final.text == pause.text and final.decode_s == 0.0
+    assert final.audio_time == pause.audio_time and final.speech_end is not None
+    assert final.audio_time - final.speech_end < 0.5 < 0.8
+
+
+def test_streaming_endpoint_moves_with_the_end_of_turn_decision(synth_files: dict[str, Path], say) -> None:
+    rec = make_recognizer(SttConfig(engine="streaming", endpoint_silence_s=0.8), synth_files, None, max_silence_s=1.8)
+    try:
+        audio = np.concatenate([silence(0.5), say("hello there how are you"), silence(3.0)])
+        default = _run_deciding(rec, audio, lambda n: None)
+        later = _run_deciding(rec, audio, lambda n: 1.8)
+        now = _run_deciding(rec, audio, lambda n: 0.0)
+    finally:
+        rec.close()
+    wait = [u.audio_time - (u.speech_end or 0.0) for u in (default[-1], later[-1], now[-1])]
+    assert [u.kind for u in (default[-1], later[-1], now[-1])] == [FINAL] * 3
+    assert 0.8 <= wait[0] < 1.3 and 1.8 <= wait[1] < 2.3 and wait[2] < 0.8, wait
+    assert now[-1].text == now[-2].text  # the pause's words, at the pause

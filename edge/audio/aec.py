@@ -360,6 +360,9 @@ class EchoCanceller:
         self.busy_s = 0.0  # thread CPU seconds spent in the engine
         self._e_in = 0.0  # smoothed energy in and out while the far end plays (ERLE estimate)
         self._e_out = 0.0
+        # How much of the last chunk was taken out, in dB (0 when nothing played): high when the
+        # chunk was the device's own sound, low when a visitor's voice (which stays) was in it.
+        self.last_removed_db = 0.0
 
     def played(self, samples: np.ndarray, rate: int, at: float) -> None:
         """The speaker played ``samples`` (int16 mono at ``rate``), heard from clock time ``at``."""
@@ -390,15 +393,19 @@ class EchoCanceller:
         if not far.any() and t - self._lead_s > self.far.last_end + self.settings.tail_ms / 1000:
             # Nothing has played for longer than an echo lasts: pass the chunk as it is and spare
             # the CPU. The engine keeps what it learned; it always sees near and far in step.
+            self.last_removed_db = 0.0
             return chunk
         self.with_reference += bool(far.any())
         c0 = time.thread_time()
         out = self._engine.process(chunk.samples, far)
         self.busy_s += time.thread_time() - c0
+        e_in = float(np.mean(chunk.samples.astype(np.float64) ** 2))
+        e_out = float(np.mean(out.astype(np.float64) ** 2))
+        self.last_removed_db = 10 * math.log10((e_in + 1.0) / (e_out + 1.0))
         if far.any():
             a = ERLE_SMOOTHING
-            self._e_in += a * (float(np.mean(chunk.samples.astype(np.float64) ** 2)) - self._e_in)
-            self._e_out += a * (float(np.mean(out.astype(np.float64) ** 2)) - self._e_out)
+            self._e_in += a * (e_in - self._e_in)
+            self._e_out += a * (e_out - self._e_out)
         return AudioChunk(out, chunk.start, chunk.rate, chunk.wall)
 
     @property

@@ -51,6 +51,10 @@ class QueuedSpeaker:
         self._thread = threading.Thread(target=self._run, name="speaker", daemon=True)
         self._thread_started = False
         self.playing_gen = 0
+        self._taps: list[Callable[[np.ndarray, int, float], None]] = []
+
+    def on_played(self, tap: Callable[[np.ndarray, int, float], None]) -> None:
+        self._taps.append(tap)
 
     # -- producer side -------------------------------------------------------------
     def begin(self, on_start: Callable[[float], None] | None = None, *, hold: bool = False) -> int:
@@ -188,10 +192,23 @@ class QueuedSpeaker:
                 _LOGGER.exception("speaker output failed; dropping queued audio")
                 with self._cond:
                     self._q.clear()
+                continue
+            if self._taps:
+                at = self._heard_at(block)
+                for tap in self._taps:
+                    try:
+                        tap(block, self.rate, at)
+                    except Exception:
+                        _LOGGER.exception("a playback tap failed")
 
     # -- subclass hooks ------------------------------------------------------------
     def _output(self, block: np.ndarray) -> None:
         raise NotImplementedError
+
+    def _heard_at(self, block: np.ndarray) -> float:
+        """When the block just output starts to sound (``time.monotonic()``): a device that blocks
+        until its buffer has room has it ``latency`` after the block entered the buffer."""
+        return time.monotonic() + self.latency - len(block) / self.rate
 
     def _after_flush(self) -> None:
         pass
@@ -237,6 +254,10 @@ class WavSpeaker(QueuedSpeaker):
         self._pieces.append(block)
         if self._clock is not None:
             self.played.append((self.playing_gen, self._clock.now(), len(block)))
+
+    def _heard_at(self, block: np.ndarray) -> float:
+        # On the microphone's timeline when there is one: the block plays from now.
+        return self._clock.now() if self._clock is not None else time.monotonic()
 
     def audio(self) -> np.ndarray:
         return np.concatenate(self._pieces) if self._pieces else np.zeros(0, dtype=np.int16)

@@ -42,6 +42,7 @@ from edge.conversation.responder import Prefill, Responder
 from edge.conversation.session import Sessions
 from edge.conversation.speech import SpeechOutput
 from edge.conversation.turn import Reply, Turn, same_words
+from edge.conversation.turnview import AudioViews
 from edge.errors import EdgeError
 from edge.events import Event, EventBus, EventType, new_id
 from edge.knowledge.venue import FaqAnswer, Venue
@@ -49,6 +50,7 @@ from edge.llm.base import ChatModel
 from edge.signals import CancelScope, Flag
 from edge.stt.base import Recognizer, SttUpdate, UpdateKind
 from edge.tts.base import Synthesizer
+from edge.turn import TurnDetector, TurnRule, rule_from_config
 from edge.wake.base import WakeDetector
 
 _LOGGER = logging.getLogger(__name__)
@@ -74,8 +76,10 @@ class Snapshot:
 class Conversation:
     def __init__(self, cfg: Config, *, bus: EventBus, clock: Clock, speaker: Speaker,
                  wake: WakeDetector | None, recognizer: Recognizer | None,
-                 chat: ChatModel | None, synth: Synthesizer | None, venue: Venue | None = None) -> None:
-        """``venue``: the venue's knowledge (FAQ answers, the LLM's prompt per question), if any."""
+                 chat: ChatModel | None, synth: Synthesizer | None, venue: Venue | None = None,
+                 turn_detector: TurnDetector | None = None) -> None:
+        """``venue``: the venue's knowledge (FAQ answers, the LLM's prompt per question), if any;
+        ``turn_detector``: an audio end-of-turn model, read at each pause (``[turn] detector``)."""
         self._cfg = cfg
         self.venue = venue
         self.bus = bus
@@ -87,7 +91,9 @@ class Conversation:
         self._synth = synth
         self.sessions = Sessions(cfg.llm.session_idle_s, cfg.llm.memory_tokens,
                                  chat.count_tokens if chat is not None else None)
-        self.preroll = PreRoll(cfg.audio.preroll_ms)
+        # (a visitor who talks over the device is heard from where their speech began)
+        voice_ms = int(1000 * cfg.conversation.barge_in_speech_s) + 600 if cfg.conversation.barge_in == "speech" else 0
+        self.preroll = PreRoll(max(cfg.audio.preroll_ms, voice_ms))
         self._inbox = Inbox()
         self._state = State.IDLE
         self._turn: Turn | None = None
@@ -100,6 +106,13 @@ class Conversation:
         self.speech = SpeechOutput(self._inbox.post, speaker)
         self.responder = Responder(self._inbox.post, self.speech, llm=lambda: self._cfg.llm,
                                    tts=lambda: self._cfg.tts)
+        self._audio_views = AudioViews(self._inbox.post, turn_detector) if turn_detector is not None else None
+        self._rule: tuple[Config, TurnRule | None] | None = None
+        self._last_chunk: AudioChunk | None = None
+        # The wake words as spoken ("hey_jarvis" -> hey jarvis): a transcript that starts with one
+        # heard the wake word's tail.
+        self._wake_phrases = [tuple(w.name.lower().replace("_", " ").split()) for w in cfg.wake.word_list()
+                              if cfg.wake.engine == "openwakeword" and w.name]
         self._thread = threading.Thread(target=self._run, name="conversation", daemon=True)
         self.failed: BaseException | None = None
         self._handlers: dict[type, Callable[[Any], None]] = {
@@ -110,13 +123,15 @@ class Conversation:
             m.FollowUp: self._on_follow_up, m.FirstToken: self._on_first_token,
             m.FirstClause: self._on_first_clause, m.Answered: self._on_answered,
             m.FirstAudio: self._on_first_audio, m.Playing: self._on_playing,
-            m.PlaybackDone: self._on_playback_done, m.Failed: self._on_failed,
+            m.PlaybackDone: self._on_playback_done, m.Failed: self._on_failed, m.TurnView: self._on_turn_view,
         }
 
     # -- lifecycle (any thread) --------------------------------------------------------------
     def start(self) -> None:
         self.speech.start()
         self.responder.start()
+        if self._audio_views is not None:
+            self._audio_views.start()
         self._thread.start()
 
     def stop(self) -> None:
@@ -127,6 +142,8 @@ class Conversation:
             self._thread.join(timeout=5)
         self.responder.stop()
         self.speech.stop()
+        if self._audio_views is not None:
+            self._audio_views.stop()
 
     @property
     def alive(self) -> bool:
@@ -177,6 +194,11 @@ class Conversation:
     def push_to_talk(self) -> None:
         """Start listening now, without the wake word (MQTT ``listen``, a kiosk button)."""
         self._inbox.post(m.Listen(Trigger.PUSH_TO_TALK))
+
+    def interrupted_by_speech(self, since: float) -> None:
+        """A visitor has talked over the device since audio time ``since``: stop and listen to
+        them from there (``conversation.barge_in = "speech"``)."""
+        self._inbox.post(m.Listen(Trigger.SPEECH, since))
 
     def say(self, text: str) -> str:
         """Speak ``text`` (an operator announcement); interrupts a turn in progress."""
@@ -310,6 +332,7 @@ class Conversation:
     def _on_audio(self, msg: m.Audio) -> None:
         chunk = msg.chunk
         self.preroll.append(chunk)
+        self._last_chunk = chunk
         if self._muted:
             return
         if self._state == State.LISTENING:
@@ -345,7 +368,20 @@ class Conversation:
         if turn is None or self._recognizer is None:
             self._set_state(State.IDLE)
             return
+        if self._audio_views is not None:
+            turn.heard.append(chunk)
+            keep = int((self._audio_views.detector.window_s + 0.5) * chunk.rate / max(1, len(chunk)))
+            del turn.heard[:-keep]
         for upd in self._recognizer.accept(chunk):
+            if upd.text and self._wake_phrases:
+                upd = dataclasses.replace(upd, text=self._without_wake_phrase(upd.text))
+                if not upd.text and upd.kind == UpdateKind.FINAL:
+                    # Only the wake word's own tail (heard over the device's voice, or said twice):
+                    # not a question. Keep listening.
+                    self._recognizer.start([])
+                    continue
+                if not upd.text and upd.kind != UpdateKind.SPEECH_START:
+                    continue
             if upd.kind == UpdateKind.SPEECH_START:
                 turn.speech_started = True
                 turn.listen_deadline = None
@@ -378,6 +414,15 @@ class Conversation:
             else:
                 self._finish_turn(turn, Outcome.NO_SPEECH)
 
+    def _without_wake_phrase(self, text: str) -> str:
+        """``text`` without a leading wake phrase ("Hey Jarvis. Where is..." -> "Where is...")."""
+        words = text.split()
+        key = [w.strip(".,!?;:").lower() for w in words]
+        for phrase in self._wake_phrases:
+            if key[:len(phrase)] == list(phrase):
+                return " ".join(words[len(phrase):]).lstrip(".,!?;: ")
+        return text
+
     def _prefill(self, turn: Turn, text: str) -> None:
         if self._chat is None:
             return
@@ -403,8 +448,47 @@ class Conversation:
             self._emit(EventType.TRANSCRIPT_PARTIAL, turn, text=text)
         _LOGGER.debug("pause: starting a speculative reply to %r", text)
         self._start_reply(turn, text, speculative=True)
+        self._ask_views(turn)
+
+    # -- end of turn -------------------------------------------------------------------------------
+    def _turn_rule(self) -> TurnRule | None:
+        if self._rule is None or self._rule[0] is not self._cfg:
+            self._rule = (self._cfg, rule_from_config(self._cfg))
+        return self._rule[1]
+
+    def _ask_views(self, turn: Turn) -> None:
+        """At a pause: ask each view whether the visitor has finished (the LLM's before it answers,
+        the audio model's on its worker); the owner decides once they have answered."""
+        rule, reply = self._turn_rule(), turn.reply
+        turn.views, turn.views_awaited, turn.endpoint_s = {}, set(), None
+        if rule is None or reply is None:
+            return
+        if reply.view:
+            turn.views_awaited.add("text")
+        if self._audio_views is not None and rule.weights.get("audio", 0) > 0 and turn.heard:
+            import numpy as np
+
+            turn.views_awaited.add("audio")
+            self._audio_views.ask(reply, np.concatenate([c.samples for c in turn.heard]))
+
+    def _on_turn_view(self, msg: m.TurnView) -> None:
+        turn = self._current(msg.reply)
+        rule = self._turn_rule()
+        if turn is None or rule is None or self._state != State.LISTENING or msg.kind not in turn.views_awaited:
+            return
+        turn.views_awaited.discard(msg.kind)
+        if msg.probability is not None:
+            turn.views[msg.kind] = msg.probability
+        _LOGGER.debug("end of turn: %s view %s (%.0f ms)", msg.kind, msg.probability, 1000 * msg.cost_s)
+        if turn.views_awaited or self._recognizer is None:
+            return
+        turn.endpoint_s = rule.silence_needed(turn.views)
+        final = self._recognizer.set_endpoint(turn.endpoint_s)
+        if final is not None and self._last_chunk is not None:
+            self._on_final(turn, final, self._last_chunk)
 
     def _drop_speculation(self, turn: Turn) -> None:
+        turn.views, turn.views_awaited, turn.endpoint_s = {}, set(), None
         reply = turn.reply
         if reply is not None and not reply.hold.confirmed.is_set():
             reply.scope.cancel()
@@ -424,7 +508,11 @@ class Conversation:
         t.ref_wall = chunk.wall or time.monotonic()
         t.marks["final"] = time.monotonic()
         self._emit(EventType.SPEECH_END, turn, audio_time=t.speech_end)
-        self._emit(EventType.TRANSCRIPT_FINAL, turn, audio_time=upd.audio_time, text=text)
+        extra: dict[str, Any] = {}
+        if turn.endpoint_s is not None:  # what ended the turn: the views' decision, not only the silence
+            extra["end_of_turn"] = {"silence_s": turn.endpoint_s,
+                                    "views": {k: float(f"{p:.3g}") for k, p in turn.views.items()}}
+        self._emit(EventType.TRANSCRIPT_FINAL, turn, audio_time=upd.audio_time, text=text, **extra)
         self._set_state(State.THINKING, turn)
         if self._wake is not None:
             self._wake.reset()  # it was not fed while listening
@@ -453,9 +541,12 @@ class Conversation:
             faq = venue.ready_answer(question)
         answer = faq if isinstance(faq, FaqAnswer) else None
         system = venue.system_prompt(question) if venue is not None and answer is None else None
+        rule = self._turn_rule()
+        view = (speculative and rule is not None and rule.weights.get("text", 0) > 0 and self._chat is not None
+                and self._state == State.LISTENING)
         reply = Reply(question, tuple(self.sessions.history()), turn.scope.child(), self._chat, self._synth,
                       max_tokens=self._cfg.llm.max_tokens, speculative=speculative, speak_as_is=speak_as_is,
-                      faq=answer, system=system)
+                      faq=answer, system=system, view=view)
         turn.reply = reply
         turn.answered = None
         turn.playing = False
@@ -468,10 +559,13 @@ class Conversation:
         current = self._turn
         if self._muted or (current is not None and self._state == State.LISTENING):
             return
+        if msg.trigger == Trigger.SPEECH and (current is None or self._state not in (State.THINKING, State.SPEAKING)):
+            return  # the device has stopped talking meanwhile: the wake word starts turns
         if current is not None:
             self._emit(EventType.BARGE_IN, current, trigger=msg.trigger.value)
             self._abort(current, Outcome.BARGE_IN)
-        self._start_listening(self._new_turn(msg.trigger), [])
+        preroll = self.preroll.since(msg.since - self._cfg.audio.preroll_ms / 1000) if msg.since is not None else []
+        self._start_listening(self._new_turn(msg.trigger), preroll)
 
     def _on_follow_up(self, msg: m.FollowUp) -> None:
         """Listen again after a turn (a follow-up window, a lifted handset), unless a turn began."""
@@ -541,9 +635,15 @@ class Conversation:
     def _on_replace_stages(self, msg: m.ReplaceStages) -> None:
         self._stop_turn(Outcome.RELOAD)
         new = msg.stages
+        views = self._audio_views
         old = dataclasses.replace(new, wake=self._wake, recognizer=self._recognizer, chat=self._chat,
-                                  synth=self._synth)
+                                  synth=self._synth, turn=views.detector if views is not None else None)
         self._wake, self._recognizer, self._chat, self._synth = new.wake, new.recognizer, new.chat, new.synth
+        if views is not None:
+            views.stop()
+        self._audio_views = AudioViews(self._inbox.post, new.turn) if new.turn is not None else None
+        if self._audio_views is not None:
+            self._audio_views.start()
         msg.retired.set_result(old)
 
     # -- what the workers report ------------------------------------------------------------------

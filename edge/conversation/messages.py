@@ -31,6 +31,7 @@ class Trigger(str, Enum):
 
     WAKE = "wake"
     PUSH_TO_TALK = "push-to-talk"
+    SPEECH = "speech"  # a visitor talking over the device (conversation.barge_in = "speech")
     FOLLOW_UP = "follow-up"
     HANDSET = "handset"
     SAY = "say"
@@ -65,9 +66,11 @@ class Audio:
 # -- commands (any thread) --------------------------------------------------------------------
 @dataclass(frozen=True)
 class Listen:
-    """Start listening now, without the wake word (push-to-talk, the ``listen`` command)."""
+    """Start listening now, without the wake word (push-to-talk, the ``listen`` command, a
+    visitor talking over the device: then from ``since``, the audio time their speech began)."""
 
     trigger: Trigger = Trigger.PUSH_TO_TALK
+    since: float | None = None
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,16 @@ class PlaybackDone:
 
 
 @dataclass(frozen=True)
+class TurnView:
+    """A view on whether the visitor has finished, read at the pause ``reply`` started at."""
+
+    reply: Reply
+    kind: str  # "text" (the LLM's) | "audio" (an end-of-turn model)
+    probability: float | None  # None: this view could not tell
+    cost_s: float
+
+
+@dataclass(frozen=True)
 class Failed:
     """A worker's stage failed on this reply."""
 
@@ -186,5 +199,5 @@ class Failed:
 
 
 Control = (Listen | TextTurn | Cancel | Mute | Handset | EndSession | Settings | ReplaceStages | FollowUp | Stop
-           | FirstToken | FirstClause | Answered | FirstAudio | Playing | PlaybackDone | Failed)
+           | FirstToken | FirstClause | Answered | FirstAudio | Playing | PlaybackDone | TurnView | Failed)
 Message = Control | Audio

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from edge.config import LlmConfig, TtsConfig
 from edge.conversation.mailbox import Jobs
-from edge.conversation.messages import Answered, Control, Failed, FirstClause, FirstToken
+from edge.conversation.messages import Answered, Control, Failed, FirstClause, FirstToken, TurnView
 from edge.conversation.speech import END, SpeechOutput
 from edge.conversation.turn import Reply
 from edge.errors import StageError
@@ -82,6 +82,8 @@ class Responder:
             if job.scope.cancelled:
                 continue
             try:
+                if job.view:
+                    self._view(job)
                 if job.faq is not None:
                     self._answer_faq(job)
                 elif job.speak_as_is:
@@ -92,6 +94,19 @@ class Responder:
                 self._post(Failed(job, err, "llm"))
             finally:
                 job.generated.set()
+
+    def _view(self, reply: Reply) -> None:
+        """The LLM's view on whether the visitor has finished: read before the reply, from what the
+        prefill evaluated (one token, usually), and posted for the owner to decide the endpoint."""
+        t0 = time.monotonic()
+        p = None
+        if reply.chat is not None:
+            try:
+                p = reply.chat.end_of_turn_probability(list(reply.history), reply.question, cancel=reply.scope,
+                                                       system=reply.system)
+            except Exception:  # no view: the fixed silence decides
+                _LOGGER.warning("the LLM's end-of-turn view failed", exc_info=True)
+        self._post(TurnView(reply, "text", p, time.monotonic() - t0))
 
     def _respond(self, reply: Reply) -> None:
         chat = reply.chat

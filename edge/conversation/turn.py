@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from edge.audio.base import Speaker
+from edge.audio.chunk import AudioChunk
 from edge.conversation.messages import Trigger
 from edge.events import new_id
 from edge.knowledge.venue import FaqAnswer
@@ -78,6 +79,7 @@ class Reply:
     speak_as_is: bool = False  # an operator's announcement: no LLM
     faq: FaqAnswer | None = None  # the FAQ entry it answers: no LLM, the answer's audio is ready
     system: str | None = None  # the LLM's system prompt for this question; None: the warmed one
+    view: bool = False  # read the LLM's view on whether the visitor has finished, before answering
     hold: Hold = field(init=False)
     first_audio: Flag = field(default_factory=Flag)  # speech worker → LLM worker: the first clause sounds
     generated: Flag = field(default_factory=Flag)  # LLM worker → speech worker: no more clauses to wait for
@@ -166,3 +168,9 @@ class Turn:
     answered_text: str = ""
     playing: bool = False  # the current reply's audio has started
     timings: Timings = field(default_factory=Timings)
+    # End of turn: the views read at the current pause (kind -> P(finished)), the kinds still
+    # awaited, and what was decided (the silence that ends the turn, and from which views).
+    views: dict[str, float] = field(default_factory=dict)
+    views_awaited: set[str] = field(default_factory=set)
+    endpoint_s: float | None = None
+    heard: list[AudioChunk] = field(default_factory=list)  # the turn's audio, for an end-of-turn model

@@ -115,6 +115,7 @@ def percentile(values: list[float], p: float) -> float:
 # Versioned file names: a change to a generator must not reuse an older file.
 SHAPED_PROFILES = {
     "phi3-shaped": "phi3-mini-shaped-v3.gguf",
+    "phi3-mini-q4_0-shaped": "phi3-mini-shaped-q4_0-v1.gguf",
     "llama3.2-1b-shaped": "llama3.2-1b-shaped-q4_0-v1.gguf",
     "qwen2.5-1.5b-shaped": "qwen2.5-1.5b-shaped-q4_0-v1.gguf",
     "qwen2.5-0.5b-shaped": "qwen2.5-0.5b-shaped-q4_0-v1.gguf",

@@ -421,6 +421,9 @@ SHAPES: dict[str, Shape] = {
     "llama3.2-1b": Shape("llama", 2048, 8192, 16, 32, 8, 128256, rope_base=500000.0),
     "qwen2.5-1.5b": Shape("qwen2", 1536, 8960, 28, 12, 2, 151936, rope_base=1000000.0),
     "qwen2.5-0.5b": Shape("qwen2", 896, 4864, 24, 14, 2, 151936, rope_base=1000000.0),
+    # Phi-3-mini itself in Q4_0 (the quantization llama.cpp repacks for the Pi 5's dot-product
+    # instructions), as llama's separate q/k/v and gate/up: the same arithmetic as phi3's fused ones.
+    "phi3-mini-q4_0": Shape("llama", 3072, 8192, 32, 32, 32, 32064, tied=False),
 }
 
 

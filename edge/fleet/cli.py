@@ -1,4 +1,4 @@
-"""``edge-voice fleet``: devices, tail, cmd, record, console, simulate (and rollout, when it lands).
+"""``edge-voice fleet``: devices, tail, cmd, record, console, simulate, rollout (with keygen and sign).
 
 ``add_fleet_parser(subparsers)`` adds the command to the edge-voice parser; ``run_fleet(args)``
 runs it. Exit status: 0 when everything worked, 1 for a mistake or an unreachable broker or
@@ -91,7 +91,9 @@ def add_fleet_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: at Ctrl-C)")
     p.add_argument("--stem", default="sim", help="device ids are STEM-00000, STEM-00001, ... (sim)")
     p.add_argument("--state-dir", metavar="DIR", help="outboxes here (default: a temporary directory)")
-    # `rollout` is added by the over-the-air rollouts, on edge.fleet.waves.
+    from edge.fleet.rollout import add_rollout_parsers
+
+    add_rollout_parsers(sub, conn)  # rollout, keygen, sign (edge.fleet.rollout)
     parser.set_defaults(handler=run_fleet)
     return parser
 
@@ -108,6 +110,12 @@ def run_fleet(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     command = args.fleet_command
+    from edge.fleet.rollout import COMMANDS as ROLLOUT_COMMANDS
+
+    if command in ROLLOUT_COMMANDS:
+        from edge.fleet.rollout import run_rollout_command
+
+        return run_rollout_command(args)
     cfg = config_from_args(args)
     if command == "simulate":
         return _simulate(args, cfg)

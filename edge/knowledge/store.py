@@ -42,8 +42,10 @@ class PackStore:
         self.root = Path(root)
         self._store = ModelStore(self.root)
 
-    def install(self, source: str | Path) -> tuple[InstalledPack, bool]:
-        """Check the pack at ``source`` and make it current; (the pack, whether anything changed)."""
+    def install(self, source: str | Path, *, make_current: bool = True) -> tuple[InstalledPack, bool]:
+        """Check the pack at ``source`` and make it current; (the pack, whether anything changed).
+        ``make_current`` false installs the version beside the current one (a rollout switches
+        to it between turns, after its self-test) and returns it as it would be once current."""
         pack = load_pack(source)  # raises KnowledgeError: nothing is touched
         src = pack.root
         names = [n for n in INSTALLED_FILES if (src / n).is_file()]
@@ -54,6 +56,9 @@ class PackStore:
             with store.lock():
                 if store.current(pack.id) == version and self._intact(pack.id, version):
                     return self.resolve(pack.id), False
+                if not make_current and version in store.versions(pack.id) and self._intact(pack.id, version):
+                    return InstalledPack(load_pack(store.version_dir(pack.id, version)), version,
+                                         store.current(pack.id)), False
                 store.clear_leftovers(pack.id)
                 staging = store.new_staging(pack.id)
                 for n in names:
@@ -65,9 +70,11 @@ class PackStore:
                 now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
                 store.commit(pack.id, staging, InstallRecord(
                     model=pack.id, kind="pack", version=version, files=recorded, roles={}, source=str(src),
-                    installed_at=now))
+                    installed_at=now), make_current=make_current)
         except OSError as err:
             raise disk_error(err, self.root) from None
+        if not make_current:
+            return InstalledPack(load_pack(store.version_dir(pack.id, version)), version, store.current(pack.id)), True
         return self.resolve(pack.id), True
 
     def _intact(self, pack_id: str, version: str) -> bool:

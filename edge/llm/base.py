@@ -46,6 +46,13 @@ class ChatModel(Protocol):
         prompt (a venue whose facts exceed the budget gives each question its own).
         """
 
+    def end_of_turn_probability(self, history: list[Message], user_text: str, *, cancel: Flag | None = None,
+                                system: str | None = None) -> float | None:
+        """P(the visitor's turn ends after ``user_text``): the probability of the chat template's
+        end-of-turn token right after the words (their final punctuation dropped), from the
+        logits of their last token. Reuses what the prefill evaluated; None when it cannot tell
+        (no end-of-turn token, cancelled)."""
+
     def count_tokens(self, text: str) -> int: ...
 
     def forget(self) -> None:

@@ -22,7 +22,7 @@ from edge.cpu import CpuPolicy
 from edge.errors import MissingDependency, ModelError, StageError
 from edge.llm.base import Message, ReplyStats
 from edge.llm.gguf_header import check_lora_fits, read_gguf_header
-from edge.llm.template import ChatFormat, PromptBuilder, choose_format
+from edge.llm.template import ChatFormat, PromptBuilder, bare_words, choose_format
 from edge.signals import Flag
 
 _LOGGER = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ PREFILL_MAX_TOKENS = 64
 PREFILL_SLICE = 4
 PREFILL_AFTER_OTHERS_S = 0.02
 
+VIEWS_KEPT = 8  # end-of-turn probabilities remembered (by the prompt's tokens up to the words)
 _KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # GGML_TYPE_*
 STATES_KEPT = 4  # evaluated system prompts kept on disk (a pack and its previous version, ...)
 STATE_MIN_TOKENS = 64  # a shorter system prompt is evaluated as fast as its state file is read
@@ -177,6 +178,9 @@ class LlamaChatModel:
                                                 where=str(gguf_path))
         self._prompts = PromptBuilder(self.format, bos_token=self._bos_text, eos_token=eos_text)
         self._stop_ids = self._stop_tokens()
+        # The template's end of a turn, as the model would write it after the visitor's words.
+        self._turn_end_ids = sorted({t for t in map(self._single_token, self.format.stop_texts) if t is not None})
+        self._views: dict[tuple[int, ...], float] = {}  # prompt tokens up to the words -> P(end of turn)
         n_train = self._lib.llama_model_n_ctx_train(self._llm.model)
         if cfg.n_ctx > n_train:
             _LOGGER.warning("%s: llm.n_ctx = %d is beyond the model's trained context of %d tokens",
@@ -436,7 +440,64 @@ class LlamaChatModel:
             quiet = self._cpu.wait_until_quiet(PREFILL_AFTER_OTHERS_S, cancel)
             return None if quiet else "cancel"
 
-        self._eval(tokens[n:n + PREFILL_MAX_TOKENS], after_others, prefill=True)
+        end = min(len(tokens), n + PREFILL_MAX_TOKENS)
+        # The end-of-turn view costs nothing when the prefill stops once at the end of the words
+        # to read it from the logits there (they are the same whoever evaluates those tokens).
+        words = self._words_tokens(history, user_text, system) if self._turn_end_ids else []
+        at = len(words) if words and tokens[:len(words)] == words and tuple(words) not in self._views else 0
+        if n < at <= end:
+            if self._eval(tokens[n:at], after_others, prefill=True):
+                return
+            self._remember_view(words, self._end_probability())
+            n = at
+        self._eval(tokens[n:end], after_others, prefill=True)
+
+    def _words_tokens(self, history: list[Message], user_text: str, system: str | None) -> list[int]:
+        """The prompt's tokens up to the end of the visitor's words (their final punctuation
+        dropped), or [] when the template cannot say where they end."""
+        words = bare_words(user_text)
+        if not words:
+            return []
+        sys_prompt = self._system if system is None else system
+        try:
+            prompt = self._prompts.prompt(sys_prompt, history, words)
+            at = prompt.find(words, len(self._prompts.head(sys_prompt, history)))
+        except Exception:  # a template that cannot render this: no view
+            return []
+        return self._tokenize_prompt(prompt[:at + len(words)]) if at >= 0 else []
+
+    def _end_probability(self) -> float:
+        """P(the template's end-of-turn token) from the logits of the last token evaluated."""
+        import numpy as np
+
+        with self._lock:
+            self._check_open()
+            n_vocab = self._lib.llama_vocab_n_tokens(self._vocab)
+            logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self._llm.ctx, -1), shape=(n_vocab,))
+            z = logits.astype(np.float64)
+        z = np.exp(z - z.max())
+        return float(z[self._turn_end_ids].sum() / z.sum())
+
+    def _remember_view(self, words: list[int], p: float) -> None:
+        self._views[tuple(words)] = p
+        while len(self._views) > VIEWS_KEPT:
+            self._views.pop(next(iter(self._views)))
+
+    def end_of_turn_probability(self, history: list[Message], user_text: str, *, cancel: Flag | None = None,
+                                system: str | None = None) -> float | None:
+        if not self._turn_end_ids:
+            return None
+        tokens = self._words_tokens(history, user_text, system)
+        if not tokens:
+            return None
+        if (known := self._views.get(tuple(tokens))) is not None:
+            return known  # read by the prefill
+        n = self._reuse(tokens, keep_last=True)  # the last word's token is evaluated: its logits are read
+        if self._eval(tokens[n:], (lambda: "cancel" if cancel is not None and cancel.is_set() else None)):
+            return None
+        p = self._end_probability()
+        self._remember_view(tokens, p)
+        return p
 
     def stream(self, history: list[Message], user_text: str, *, cancel: Flag,
                max_tokens: int | None = None, deadline: float | None = None,

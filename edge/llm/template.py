@@ -63,6 +63,12 @@ def clean_content(text: str) -> str:
     return _CONTROL_LIKE.sub(" ", text).strip()
 
 
+def bare_words(text: str) -> str:
+    """The words without the final punctuation a recognizer adds to whatever it heard: whether a
+    sentence is finished is the model's to say, not the recognizer's full stop."""
+    return clean_content(text).rstrip(".?!,;:…- ").rstrip()
+
+
 @dataclass(frozen=True)
 class ChatFormat:
     family: str  # "phi3" | "chatml" | "other"

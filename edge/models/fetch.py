@@ -117,8 +117,11 @@ def space_needed(spec: ModelSpec, same_device: bool) -> tuple[int, int]:
 class Fetcher:
     def __init__(self, store: ModelStore, cache: Path, *, mirror: str | None = None, trust_first_use: bool = False,
                  say: Callable[[str], None] = print, progress: ProgressFactory = make_progress,
-                 prepare_steps: Mapping[str, PrepareStep] | None = None) -> None:
+                 prepare_steps: Mapping[str, PrepareStep] | None = None, activate: bool = True) -> None:
+        """``activate`` false: install (or find) the version without making it current; a rollout
+        switches to it later, between turns, and can switch back."""
         self.store = store
+        self.activate = activate
         self.cache = cache
         self.mirror = mirror
         self.trust_first_use = trust_first_use
@@ -196,6 +199,8 @@ class Fetcher:
             vdir = self.store.version_dir(spec.id, version)
             if record and matches_manifest(spec, record, pins) and not hash_problems(vdir, record):
                 self.store.refresh_stats(spec.id, version, record)
+                if not self.activate:
+                    return FetchResult(spec.id, "installed", version, current)
                 previous = self.store.switch_to(spec.id, version)
                 return FetchResult(spec.id, "activated", version, previous)
         return None
@@ -436,7 +441,7 @@ class Fetcher:
                                installed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                fingerprint=spec.fingerprint)
         before = self.store.state(spec.id)["current"]
-        self.store.commit(spec.id, staging, record)
+        self.store.commit(spec.id, staging, record, make_current=self.activate)
         pinned = {n: r.sha256 for n, r in files.items() if r.trust == "first-use"}
         self.store.add_pins(spec.id, {n: files[n] for n in pinned})
         return FetchResult(spec.id, "installed", version, before if before != version else None, pinned=pinned)

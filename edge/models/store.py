@@ -304,8 +304,9 @@ class ModelStore:
                 shutil.rmtree(base / e, ignore_errors=True)
         return freed
 
-    def commit(self, model_id: str, staging: Path, record: InstallRecord) -> None:
-        """Move a finished staging directory into place as ``record.version`` and make it current."""
+    def commit(self, model_id: str, staging: Path, record: InstallRecord, *, make_current: bool = True) -> None:
+        """Move a finished staging directory into place as ``record.version`` and (unless
+        ``make_current`` is false: a rollout stages a version before it switches) make it current."""
         for name in record.files:
             # Read-only: an installed file is never edited in place, only replaced by a new version.
             os.chmod(staging / name, 0o444)
@@ -320,7 +321,8 @@ class ModelStore:
             os.rename(target, trash)
         os.rename(staging, target)
         fsync_dir(target.parent)
-        self.switch_to(model_id, record.version)
+        if make_current:
+            self.switch_to(model_id, record.version)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
 

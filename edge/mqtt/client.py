@@ -15,7 +15,10 @@ It also notes the last turn (``turn.end``) and the last error (``error``) for th
 status, which the outbox thread republishes when they change.
 
 The retained status carries what the fleet's ``devices`` table shows: state, version, models,
-tags, ``knowledge`` (the venue pack, or null), ``last_turn`` and ``last_error``.
+tags, ``knowledge`` (the venue pack, or null), ``last_turn`` and ``last_error``; with rollouts,
+``rollout`` (the last or current one's progress) and ``versions`` (the installed version of each
+model and pack in use). ``publish_record`` sends events that come from outside the pipeline
+(``rollout.progress``, ``rollout.done``) through the same outbox.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ HANDOFF_MAX = 10_000  # events waiting for the outbox thread; oldest dropped on 
 _PARTIALS = frozenset({EventType.TRANSCRIPT_PARTIAL, EventType.REPLY_PARTIAL})
 _RESERVED = ("seq", "message_id", "device_id")
 _STATE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_RECORD_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}(\.[a-z][a-z0-9_]{0,31})?$")
+STATUS_FIELDS = ("rollout", "versions")  # what set_status_fields may set
 
 
 def _paho() -> Any:
@@ -162,6 +167,7 @@ class MqttBridge:
         self._last_turn: dict[str, Any] | None = None
         self._last_error: dict[str, Any] | None = None
         self._knowledge: dict[str, Any] | None = None
+        self._fields: dict[str, Any] = {}  # STATUS_FIELDS set by set_status_fields
         self._online_since: float | None = None
         self._session: _Session | None = None  # set only while connected
         self._current: _Session | None = None  # the attempt in progress, connected or not
@@ -246,6 +252,39 @@ class MqttBridge:
             self._status_dirty = True
         self._wake.set()
 
+    def set_status_fields(self, **fields: Any) -> None:
+        """Replace some of the status's STATUS_FIELDS (e.g. ``rollout=...``); published like the state."""
+        unknown = sorted(set(fields) - set(STATUS_FIELDS))
+        if unknown:
+            raise ValueError(f"status field {unknown[0]!r} is not one of {', '.join(STATUS_FIELDS)}")
+        with self._status_lock:
+            self._fields.update(fields)
+            self._status_dirty = True
+        self._wake.set()
+
+    def publish_record(self, event_type: str, data: Mapping[str, Any]) -> None:
+        """An event that is not the pipeline's (``rollout.done``): the same envelope, topic and outbox."""
+        if not _RECORD_RE.match(event_type):
+            raise ValueError(f"event type {event_type!r} must be a short lower-case name")
+        body: dict[str, Any] = {"type": event_type}
+        body.update({k: v for k, v in data.items() if k not in _RESERVED and k != "type"})
+        body.setdefault("time", round(time.time(), 3))
+        body["message_id"] = new_id()
+        body["device_id"] = self.topics.device_id
+        try:
+            payload = _dumps(body)
+        except (TypeError, ValueError) as err:
+            _LOGGER.warning("MQTT: cannot serialise %s event: %s", event_type, err)
+            return
+        with self._handoff_lock:
+            if self._closed:
+                return
+            if len(self._handoff) >= HANDOFF_MAX:
+                self._handoff.popleft()
+                self._handoff_overflow += 1
+            self._handoff.append((self.topics.event(event_type), payload, False))
+        self._wake.set()
+
     def _note(self, kind: EventType, body: Mapping[str, Any]) -> None:
         """Keep the last turn or error for the status; the outbox thread republishes it."""
         if kind is EventType.TURN_END:
@@ -312,8 +351,10 @@ class MqttBridge:
     def _sticky(self) -> dict[str, Any]:
         """What the status says whatever the state; called with the status lock held."""
         online = self._online_since
-        return {"tags": self._tags, "knowledge": self._knowledge, "last_turn": self._last_turn,
-                "last_error": self._last_error, "online_since": round(online, 3) if online else None}
+        out = {"tags": self._tags, "knowledge": self._knowledge, "last_turn": self._last_turn,
+               "last_error": self._last_error, "online_since": round(online, 3) if online else None}
+        out.update(self._fields)
+        return out
 
     def _status_payload(self) -> bytes:
         with self._status_lock:
@@ -510,9 +551,9 @@ class MqttBridge:
             # Retain As Published: a retained command is then recognisable (and refused) live,
             # not only when the broker replays it after a reconnect.
             opts = SubscribeOptions(qos=1, retainAsPublished=True)
-            client.subscribe([(f, opts) for f in self.topics.command_filters])
+            client.subscribe([(f, opts) for f in self._subscriptions])
         else:
-            client.subscribe([(f, 1) for f in self.topics.command_filters])
+            client.subscribe([(f, 1) for f in self._subscriptions])
         with self._status_lock:
             self._online_since = time.time()
         self._publish_status(client)
@@ -557,8 +598,12 @@ class MqttBridge:
             session.socket_error = buf
             _LOGGER.debug("paho: %s", buf)
 
+    @property
+    def _subscriptions(self) -> tuple[str, ...]:
+        return (*self.topics.command_filters, self.topics.desired_filter)
+
     def _on_subscribe(self, reason_codes: list) -> None:
-        for f, rc in zip(self.topics.command_filters, reason_codes):
+        for f, rc in zip(self._subscriptions, reason_codes):
             if rc.is_failure:
                 _LOGGER.warning("MQTT: the broker refused the subscription to %s (%s); commands there "
                                 "will not arrive (check the broker ACL)", f, rc)
@@ -671,6 +716,10 @@ class MqttBridge:
     # --- commands -----------------------------------------------------------------------
 
     def _on_message(self, session: _Session, msg: Any) -> None:
+        desired = self.topics.desired_name(msg.topic)
+        if desired is not None:
+            self._dispatcher.submit_desired(desired, bytes(msg.payload))
+            return
         props = getattr(msg, "properties", None)
         self._dispatcher.submit(msg.topic, bytes(msg.payload), retained=bool(msg.retain),
                                 response_topic=getattr(props, "ResponseTopic", None),

@@ -14,11 +14,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
 import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from edge.config import AudioConfig, ConversationConfig, LlmConfig, SttConfig
 from edge.errors import EdgeError
@@ -56,6 +57,19 @@ class Controller(Protocol):
     def reload_models(self) -> dict: ...
     def status(self) -> dict: ...
     def handset(self, state: str) -> dict: ...
+
+
+@runtime_checkable
+class RolloutController(Protocol):
+    """A controller that also takes rollouts (the daemon's; simulated devices do not)."""
+
+    def rollout(self, request: Mapping[str, Any]) -> dict: ...
+
+
+def _rollout(controller: Controller, args: Mapping[str, Any]) -> dict:
+    if not isinstance(controller, RolloutController):
+        raise CommandError("this device does not take rollouts", code="cmd.unsupported")
+    return controller.rollout(args)
 
 
 # --- runtime settings --------------------------------------------------------------------
@@ -162,6 +176,38 @@ def _setting_key(field: str, value: Any) -> str:
     return value
 
 
+ROLLOUT_KINDS = ("model", "pack")
+_ROLLOUT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_TARGET_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_VERSION = re.compile(r"^[0-9a-f]{12}$")
+
+
+def _pattern(regex: re.Pattern[str], what: str) -> Callable[[str, Any], str]:
+    def check(field: str, value: Any) -> str:
+        if not isinstance(value, str) or not regex.match(value):
+            raise CommandError(f"{field}: expected {what}")
+        return value
+
+    return check
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
+    def check(field: str, value: Any) -> str:
+        if value not in choices:
+            raise CommandError(f"{field}: expected one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
+def _url(field: str, value: Any) -> str:
+    """An http(s) URL; whether the device may use it is its own allow-list's business."""
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")) or len(value) > 512 \
+            or any(ch.isspace() or ord(ch) < 32 for ch in value):
+        raise CommandError(f"{field}: expected an http(s) URL of at most 512 characters")
+    return value
+
+
 _Validator = Callable[[str, Any], Any]
 _ANY: _Validator = lambda field, value: value  # noqa: E731  (checked against the key later)
 
@@ -185,6 +231,15 @@ SCHEMAS: dict[str, Schema] = {
     "status": Schema({}, lambda c, a: c.status()),
     # A phone booth's hook switch, for booths whose switch reaches the fleet and not a GPIO line.
     "handset": Schema({"state": _handset_state}, lambda c, a: c.handset(a["state"])),
+    # Fetch, verify, switch to, self-test and confirm a signed version of a model or knowledge pack
+    # (edge.rollout); answered once it is queued, progress comes as rollout.* events. Also read from
+    # the retained desired state <prefix>/<id>/desired/rollout, so an offline device catches up.
+    # The device requires its expires_at (a rollout is never open-ended); it reaches the handler
+    # with the arguments.
+    "rollout": Schema({"rollout_id": _pattern(_ROLLOUT_ID, "1-64 letters, digits, _ . -"),
+                       "kind": _choice(ROLLOUT_KINDS), "id": _pattern(_TARGET_ID, "a model or pack id"),
+                       "version": _pattern(_VERSION, "12 hex digits"), "mirror": _url},
+                      _rollout),
 }
 COMMON_FIELDS = ("request_id", "expires_at")
 
@@ -219,8 +274,9 @@ def _shown(name: str) -> str:
     return repr(name if len(name) <= 64 else name[:64] + "…")
 
 
-def decode(name: str, payload: bytes, *, now: float | None = None) -> Command:
-    """Validate one command; raises CommandError with a stable code and a one-line message."""
+def decode(name: str, payload: bytes, *, now: float | None = None, check_expiry: bool = True) -> Command:
+    """Validate one command; raises CommandError with a stable code and a one-line message.
+    ``check_expiry`` false leaves an expired command to its handler (retained desired state)."""
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise CommandError(f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit",
                            code="cmd.too_large")
@@ -263,16 +319,20 @@ def decode(name: str, payload: bytes, *, now: float | None = None) -> Command:
             args[field] = check(field, data[field])
         if name == "set":
             args["value"] = SETTINGS[args["key"]].coerce(args["value"])
+        if name == "rollout" and expires_at is not None:
+            args["expires_at"] = expires_at
     except CommandError as err:
         raise CommandError(err.message, code=err.code, request_id=request_id) from None
     cmd = Command(name, args, request_id, expires_at)
-    cmd.check_expiry(now)
+    if check_expiry:
+        cmd.check_expiry(now)
     return cmd
 
 
-def run(cmd: Command, controller: Controller) -> dict[str, Any]:
+def run(cmd: Command, controller: Controller, *, check_expiry: bool = True) -> dict[str, Any]:
     """Call the controller; its EdgeError passes through, anything else is the caller's to log."""
-    cmd.check_expiry()
+    if check_expiry:
+        cmd.check_expiry()
     extra = SCHEMAS[cmd.name].call(controller, cmd.args)
     if extra is None:
         return {}

@@ -4,6 +4,11 @@ controller never stalls paho's network thread; each gets exactly one answer.
 Answers go to the MQTT v5 response topic with the correlation data when the command has one,
 else to ``<prefix>/<id>/cmd/<name>/result``. The queue is bounded (``COMMAND_QUEUE``); a
 command arriving when it is full is answered ``cmd.busy`` at once.
+
+Desired state (``<prefix>/<id>/desired/<name>``, retained by the fleet) goes through the same
+validation and the same worker but gets no answer: whoever wrote it is not waiting, and the
+handler reports what it did (a rollout's ``rollout.*`` events). Its expiry is the handler's to
+check, so that a desired state read after it expired is reported once rather than dropped.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from edge.mqtt.wire import dumps
 _LOGGER = logging.getLogger(__name__)
 
 COMMAND_QUEUE = 32
+DESIRED = ("rollout",)  # the commands that may also come as retained desired state
 
 # publish(topic, body, correlation data or None)
 Publish = Callable[[str, bytes, "bytes | None"], None]
@@ -32,6 +38,7 @@ class _Command:
     payload: bytes
     response_topic: str | None
     correlation: bytes | None
+    desired: bool = False
 
 
 class CommandDispatcher:
@@ -64,6 +71,18 @@ class CommandDispatcher:
             self.busy += 1
             self._refuse(cmd, cmds.CommandError("too many commands waiting; try again", code="cmd.busy"))
 
+    def submit_desired(self, name: str, payload: bytes) -> None:
+        """A desired state (retained or live) from paho's thread; never blocks. An empty payload
+        (the fleet cleared it) means nothing to do."""
+        if name not in DESIRED or not payload.strip():
+            return
+        try:
+            self._queue.put_nowait(_Command(name, payload, None, None, desired=True))
+        except queue.Full:
+            self.busy += 1
+            _LOGGER.warning("MQTT: desired %s dropped: too many commands waiting (it is read again at the next "
+                            "connection)", name)
+
     def run(self) -> None:
         """The worker thread's loop; returns after stop()."""
         while True:
@@ -86,7 +105,21 @@ class CommandDispatcher:
         _LOGGER.debug("MQTT command %r refused: %s", cmd.name[:64], err.code)
         self._answer(cmd, dumps(cmds.error_answer(cmd.name, self._topics.device_id, err, request_id)))
 
+    def _handle_desired(self, cmd: _Command) -> None:
+        try:
+            command = cmds.decode(cmd.name, cmd.payload, check_expiry=False)
+            extra = cmds.run(command, self._controller, check_expiry=False)
+        except EdgeError as err:
+            self.refused += 1
+            _LOGGER.info("MQTT desired %s not carried out: %s: %s", cmd.name, err.code, err.message)
+            return
+        self.ok += 1
+        _LOGGER.info("MQTT desired %s: %s", cmd.name, extra)
+
     def _handle(self, cmd: _Command) -> None:
+        if cmd.desired:
+            self._handle_desired(cmd)
+            return
         if cmd.response_topic is not None and not self._topics.usable_response_topic(cmd.response_topic):
             cmd.response_topic = None  # answered on .../result instead
             self._refuse(cmd, cmds.CommandError("response topic refused: it must be a plain topic outside "

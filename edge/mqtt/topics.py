@@ -1,13 +1,16 @@
 """The topic contract: one namespace per device, plus fleet-wide commands.
 
 ``<prefix>/<id>/status`` (retained), ``<prefix>/<id>/event/<type>``, ``<prefix>/<id>/metrics``,
-``<prefix>/<id>/cmd/<name>`` and ``<prefix>/all/cmd/<name>``; answers for clients without
+``<prefix>/<id>/cmd/<name>`` and ``<prefix>/all/cmd/<name>``; ``<prefix>/<id>/desired/<name>``
+(retained, written by the fleet: a command the device carries out when it reads it, also after
+being offline; only ``rollout`` for now); answers for clients without
 MQTT v5 response topics go to ``<prefix>/<id>/cmd/<name>/result`` (always the device's own
 namespace, so a broker ACL of ``<prefix>/%u/#`` is enough for a device to answer).
 
 The fleet side (``FleetTopics``) asks for answers on ``<prefix>/<id>/answers/<client>``, inside
 the device's namespace for the same reason, and keeps its own markers under
-``<prefix>/all/fleet/<client>/``, which no device reads or writes.
+``<prefix>/all/fleet/<client>/``, which no device reads or writes; a rollout's plan is kept
+retained under ``<prefix>/all/fleet/rollouts/<rollout id>`` so that it can be resumed.
 """
 
 from __future__ import annotations
@@ -79,6 +82,20 @@ class Topics:
         """What the device subscribes to; ``+`` keeps ``.../result`` answers out."""
         return f"{self.base}/cmd/+", f"{self.prefix}/{FLEET}/cmd/+"
 
+    def desired(self, name: str) -> str:
+        return f"{self.base}/desired/{name}"
+
+    @property
+    def desired_filter(self) -> str:
+        return f"{self.base}/desired/+"
+
+    def desired_name(self, topic: str) -> str | None:
+        """The desired-state name if ``topic`` is this device's ``desired/<name>``, else None."""
+        head = f"{self.base}/desired/"
+        if topic.startswith(head) and "/" not in topic[len(head):] and topic[len(head):]:
+            return topic[len(head):]
+        return None
+
     def command_name(self, topic: str) -> str | None:
         """The command name if ``topic`` is one of ours (device or fleet), else None."""
         for head in (f"{self.base}/cmd/", f"{self.prefix}/{FLEET}/cmd/"):
@@ -103,7 +120,7 @@ class Topics:
             return False
         if self.command_name(topic) is not None:
             return False
-        for own in (self.status, self.metrics, f"{self.base}/event/"):
+        for own in (self.status, self.metrics, f"{self.base}/event/", f"{self.base}/desired/"):
             if topic == own or topic.startswith(own if own.endswith("/") else own + "/"):
                 return False
         return True
@@ -136,6 +153,14 @@ class FleetTopics:
 
     def marker(self, client: str) -> str:
         return f"{self.prefix}/{FLEET}/fleet/{client}/sync"
+
+    def desired(self, device_id: str, name: str) -> str:
+        """A device's retained desired state (``rollout``): read when it connects and when it changes."""
+        return f"{self.prefix}/{device_id}/desired/{name}"
+
+    def rollout_plan(self, rollout_id: str = "+") -> str:
+        """A rollout's retained plan and progress, for ``fleet rollout --resume``."""
+        return f"{self.prefix}/{FLEET}/fleet/rollouts/{rollout_id}"
 
     def device_of(self, topic: str) -> str | None:
         """The device id of a topic under the prefix, else None."""

@@ -27,14 +27,16 @@ __all__ = ["Recognizer", "SttUpdate", "UpdateKind", "make_recognizer"]
 
 def make_recognizer(cfg: SttConfig, model_dir_files: Mapping[str, Path],
                     vad_files: Mapping[str, Path] | None = None, *,
-                    model_type: str | None = None, cpu: CpuPolicy | None = None) -> Recognizer:
+                    model_type: str | None = None, cpu: CpuPolicy | None = None,
+                    max_silence_s: float | None = None) -> Recognizer:
     """Build the recognizer ``cfg.engine`` names from installed model files.
 
     ``model_dir_files`` (and ``vad_files``) map the model's file names to installed paths. The
     model kind is read from the file names and ONNX metadata unless ``model_type`` names it
     (transducer, paraformer, nemo_ctc, whisper, moonshine, sense_voice). Every file is checked
     before sherpa-onnx sees it; a bad one raises ModelError naming the file and what is wrong.
-    ``cpu`` is the pipeline's CPU policy, told when a decode computes.
+    ``cpu`` is the pipeline's CPU policy, told when a decode computes. ``max_silence_s``: the
+    longest silence an end-of-turn decision may give a turn (``set_endpoint``).
     """
     from edge.stt.files import identify_stt_model, identify_vad_model
 
@@ -47,7 +49,7 @@ def make_recognizer(cfg: SttConfig, model_dir_files: Mapping[str, Path],
                               "a streaming model")
         from edge.stt.streaming import StreamingRecognizer
 
-        return StreamingRecognizer(cfg, model, cpu)
+        return StreamingRecognizer(cfg, model, cpu, max_silence_s=max_silence_s)
     if model.streaming:
         raise ConfigError(f"stt.engine is 'vad-offline' but stt.model {cfg.model or '?'!r} is a "
                           f"streaming {model.kind} model: set stt.engine = \"streaming\" or pick an "
@@ -58,4 +60,4 @@ def make_recognizer(cfg: SttConfig, model_dir_files: Mapping[str, Path],
     vad_path = identify_vad_model(vad_files)
     from edge.stt.vad import VadOfflineRecognizer
 
-    return VadOfflineRecognizer(cfg, model, vad_path, cpu)
+    return VadOfflineRecognizer(cfg, model, vad_path, cpu, max_silence_s=max_silence_s)

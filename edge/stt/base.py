@@ -57,6 +57,12 @@ class Recognizer(Protocol):
     def finish(self) -> SttUpdate | None:
         """Force the end (timeout, push-to-talk release): the final, or None if nothing was said."""
 
+    def set_endpoint(self, silence_s: float) -> SttUpdate | None:
+        """The silence after the speech that ends this utterance, from the last pause on (until
+        speech resumes: then ``stt.endpoint_silence_s`` again, up to the longest the recognizer
+        was built for). 0, or a silence already heard, ends it now: the final, with the pause's
+        transcript, is returned. None when no pause is in progress or the silence is still to come."""
+
     def transcribe(self, samples: np.ndarray) -> tuple[str, float]:
         """Decode a whole 16 kHz utterance at once, apart from any stream: (text, seconds).
         What a sequential pipeline does; the benchmark's baseline uses it."""

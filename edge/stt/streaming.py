@@ -4,7 +4,9 @@ Audio goes into one ``OnlineStream`` per utterance; the model decodes whenever a
 feature frames is ready (``is_ready``/``decode_stream``), so most 20 ms chunks cost only
 feature extraction. Endpointing is sherpa-onnx's:
 
-- rule 2: trailing silence of ``endpoint_silence_s`` after decoded words → final.
+- rule 2: trailing silence of ``endpoint_silence_s`` after decoded words → final. With pauses
+  reported (``stt.pause_s``), the endpoint is counted from the pause instead, so that an
+  end-of-turn decision can move it (``set_endpoint``), and rule 2 is the longest wait.
 
 Rules 1 and 3 are switched off: they count from the start of the stream, and a reset after a
 silent stretch would make rule 3 cut a question at a random point. ``max_utterance_s`` is
@@ -38,8 +40,9 @@ OUTPUT_FRAME_S = 0.04
 NEVER_S = 1e6  # an endpoint rule threshold that is never reached
 
 
-def build_online_recognizer(cfg: SttConfig, model: SttModel) -> Any:
-    """The sherpa-onnx OnlineRecognizer for ``model``, endpoint rules from ``cfg``."""
+def build_online_recognizer(cfg: SttConfig, model: SttModel, endpoint_s: float | None = None) -> Any:
+    """The sherpa-onnx OnlineRecognizer for ``model``, endpoint rules from ``cfg`` (rule 2's
+    trailing silence ``endpoint_s``, default ``stt.endpoint_silence_s``)."""
     so = import_sherpa()
     f = {role: str(p) for role, p in model.files.items()}
     common = dict(
@@ -49,7 +52,7 @@ def build_online_recognizer(cfg: SttConfig, model: SttModel) -> Any:
         feature_dim=80,
         enable_endpoint_detection=True,
         rule1_min_trailing_silence=NEVER_S,
-        rule2_min_trailing_silence=cfg.endpoint_silence_s,
+        rule2_min_trailing_silence=cfg.endpoint_silence_s if endpoint_s is None else endpoint_s,
         rule3_min_utterance_length=NEVER_S,
     )
     if cfg.decoding_method != "greedy_search" and model.kind != "transducer":
@@ -79,12 +82,18 @@ class StreamingRecognizer(FeedingRecognizer):
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, cfg: SttConfig, model: SttModel, cpu: CpuPolicy | None = None) -> None:
+    def __init__(self, cfg: SttConfig, model: SttModel, cpu: CpuPolicy | None = None, *,
+                 max_silence_s: float | None = None) -> None:
         self._cfg = cfg
         self._cpu = cpu or CpuPolicy()
         self.kind = model.kind
         t0 = time.monotonic()
-        self._rec: Any = build_online_recognizer(cfg, model)
+        # With pauses reported, the endpoint is counted here from the pause (set_endpoint moves
+        # it); sherpa-onnx's rule 2 closes only after the longest silence a turn may be given.
+        use_pause = 0 < cfg.pause_s < cfg.endpoint_silence_s
+        self._longest = max(cfg.endpoint_silence_s, max_silence_s or 0.0) if use_pause else cfg.endpoint_silence_s
+        self._endpoint_s = cfg.endpoint_silence_s
+        self._rec: Any = build_online_recognizer(cfg, model, self._longest)
         _LOGGER.info("speech-to-text: streaming %s model loaded in %.2f s (%d threads)",
                      model.kind, time.monotonic() - t0, cfg.num_threads)
         self._closed = False
@@ -112,6 +121,8 @@ class StreamingRecognizer(FeedingRecognizer):
         self._last_partial = ""
         self._last_partial_pos = 0
         self._pause_text = None
+        self._pause_end = 0.0
+        self._endpoint_s = self._cfg.endpoint_silence_s
         self._feed_preroll(preroll)
 
     def finish(self) -> SttUpdate | None:
@@ -131,6 +142,21 @@ class StreamingRecognizer(FeedingRecognizer):
             return None
         end = self._timeline.end_s
         return SttUpdate(UpdateKind.FINAL, text, end, min(self._token_end(res), end), self._decode_s)
+
+    def set_endpoint(self, silence_s: float) -> SttUpdate | None:
+        if self._closed:
+            raise closed_error()
+        if self._done or self._stream is None:
+            return None
+        self._endpoint_s = min(silence_s, self._longest)
+        return self._endpoint_reached()
+
+    def _endpoint_reached(self) -> SttUpdate | None:
+        if self._pause_text is None or self._timeline.end_s - self._pause_end < self._endpoint_s:
+            return None
+        self._done = True
+        end = self._timeline.end_s
+        return SttUpdate(UpdateKind.FINAL, self._pause_text, end, self._pause_end, 0.0)
 
     def transcribe(self, samples: np.ndarray) -> tuple[str, float]:
         """Decode a whole utterance at once, in a stream of its own; (text, seconds)."""
@@ -177,7 +203,8 @@ class StreamingRecognizer(FeedingRecognizer):
         self._stream.accept_waveform(SAMPLE_RATE, chunk.float32())
         self._decode_s = 0.0
         if not self._decode_ready():
-            return []
+            final = self._endpoint_reached()
+            return [final] if final is not None else []
         res = self._rec.get_result_all(self._stream)
         text = res.text.strip()
         out: list[SttUpdate] = []
@@ -198,12 +225,16 @@ class StreamingRecognizer(FeedingRecognizer):
         if text and 0 < pause_s < self._cfg.endpoint_silence_s:
             if self._pause_text is not None and text != self._pause_text:
                 self._pause_text = None
+                self._endpoint_s = self._cfg.endpoint_silence_s
                 out.append(SttUpdate(UpdateKind.RESUME, "", end))
             token_end = min(self._token_end(res), end)
             if self._pause_text is None and end - token_end >= pause_s:
-                self._pause_text = text
+                self._pause_text, self._pause_end = text, token_end
                 out.append(SttUpdate(UpdateKind.PAUSE, text, end, token_end, self._decode_s))
                 return out
+            final = self._endpoint_reached()
+            if final is not None:
+                return out + [final]
         fed = self._timeline.fed
         interval = int(self._cfg.partial_interval_s * SAMPLE_RATE)
         if text and text != self._last_partial and fed - self._last_partial_pos >= interval:

@@ -150,7 +150,8 @@ class VadOfflineRecognizer(FeedingRecognizer):
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, cfg: SttConfig, model: SttModel, vad_path: Path, cpu: CpuPolicy | None = None) -> None:
+    def __init__(self, cfg: SttConfig, model: SttModel, vad_path: Path, cpu: CpuPolicy | None = None, *,
+                 max_silence_s: float | None = None) -> None:
         self._cfg = cfg
         self._cpu = cpu or CpuPolicy()
         self.kind = model.kind
@@ -166,6 +167,11 @@ class VadOfflineRecognizer(FeedingRecognizer):
         # speculatively (silero costs a fraction of a percent of a core per instance).
         use_pause = 0 < cfg.pause_s < cfg.endpoint_silence_s
         self._pause_vad: Any = build_vad(cfg, vad_path, self._max_utt, cfg.pause_s) if use_pause else None
+        # A third closes only after the longest silence an end-of-turn decision may give a sentence
+        # that sounds unfinished (set_endpoint): while such a decision holds, it ends the turn.
+        longest = max_silence_s or 0.0
+        self._long_vad: Any = (build_vad(cfg, vad_path, self._max_utt, longest)
+                               if use_pause and longest > cfg.endpoint_silence_s else None)
         _LOGGER.info("speech-to-text: VAD + offline %s model loaded in %.2f s (%d threads)",
                      model.kind, time.monotonic() - t0, cfg.num_threads)
         self._closed = False
@@ -186,6 +192,7 @@ class VadOfflineRecognizer(FeedingRecognizer):
         self._heard: tuple[int, str] = (0, "")  # (fed position, text) of the latest partial decode
         self._loudest = -math.inf  # dBFS of the utterance's loudest chunk
         self._quiet_since: int | None = None  # fed position where the voice went quiet
+        self._extended = False  # an end-of-turn decision gave this sentence the longest silence
 
     # -- Recognizer ---------------------------------------------------------------------------
 
@@ -195,6 +202,8 @@ class VadOfflineRecognizer(FeedingRecognizer):
         self._vad.reset()
         if self._pause_vad is not None:
             self._pause_vad.reset()
+        if self._long_vad is not None:
+            self._long_vad.reset()
         self._reset_state()
         self._done = False
         # Speech that ends inside the pre-roll is the tail of the wake word, not a question.
@@ -215,6 +224,17 @@ class VadOfflineRecognizer(FeedingRecognizer):
             return None
         end = self._timeline.end_s
         return SttUpdate(UpdateKind.FINAL, text, end, end, took)
+
+    def set_endpoint(self, silence_s: float) -> SttUpdate | None:
+        if self._closed:
+            raise closed_error()
+        if self._done or self._pause_vad is None:
+            return None
+        if silence_s <= 0:
+            pause = self._pause
+            return self._final(pause[0], pause[0])[0] if pause is not None else None
+        self._extended = silence_s > self._cfg.endpoint_silence_s and self._long_vad is not None
+        return None
 
     def transcribe(self, samples: np.ndarray) -> tuple[str, float]:
         """Decode a whole utterance at once (a sequential pipeline's way); (text, seconds)."""
@@ -254,6 +274,8 @@ class VadOfflineRecognizer(FeedingRecognizer):
         self._vad.accept_waveform(x)
         if self._pause_vad is not None:
             self._pause_vad.accept_waveform(x)
+        if self._long_vad is not None:
+            self._long_vad.accept_waveform(x)
         fed = self._timeline.fed
         out: list[SttUpdate] = []
         if self._speech_at is None:
@@ -267,11 +289,15 @@ class VadOfflineRecognizer(FeedingRecognizer):
             self._last_partial_pos = fed
             out.append(SttUpdate(UpdateKind.SPEECH_START, "", self._timeline.seconds(self._speech_at)))
         self._track_loudness(chunk, fed)
+        long_end = self._long_segment_end()
         if not self._vad.empty():
             seg = self._vad.front
             speech_end = int(seg.start) + len(seg.samples)
             self._vad.pop()
-            return out + self._final(speech_end, min(speech_end + int(TAIL_S * SAMPLE_RATE), fed))
+            if not self._extended:
+                return out + self._final(speech_end, min(speech_end + int(TAIL_S * SAMPLE_RATE), fed))
+        if self._extended and long_end is not None:
+            return out + self._final(long_end, min(long_end + int(TAIL_S * SAMPLE_RATE), fed))
         if fed - self._speech_at >= int(self._max_utt * SAMPLE_RATE):
             return out + self._final(fed, fed)
         pause = self._check_pause(fed)
@@ -289,6 +315,17 @@ class VadOfflineRecognizer(FeedingRecognizer):
         elif quiet_s == 0.0 and fed - self._last_partial_pos >= self._partial_gap:
             out.extend(self._partial(fed))  # (a partial due as the voice drops waits to see if it is over)
         return out
+
+    def _long_segment_end(self) -> int | None:
+        """Where the speech the long VAD closed ended (None: nothing closed)."""
+        lv = self._long_vad
+        if lv is None or lv.empty():
+            return None
+        seg = lv.front
+        end = int(seg.start) + len(seg.samples)
+        while not lv.empty():
+            lv.pop()
+        return end if not self._in_preroll(end) else None
 
     def _partial(self, fed: int) -> list[SttUpdate]:
         assert self._speech_at is not None
@@ -357,6 +394,7 @@ class VadOfflineRecognizer(FeedingRecognizer):
             return SttUpdate(UpdateKind.PAUSE, text, self._timeline.end_s, self._timeline.seconds(end), took)
         if self._pause is not None and pv.is_speech_detected():
             self._pause = None
+            self._extended = False  # the next pause is judged afresh
             return SttUpdate(UpdateKind.RESUME, "", self._timeline.end_s)
         return None
 
@@ -385,6 +423,48 @@ class VadOfflineRecognizer(FeedingRecognizer):
         """The segment that just closed was no question: wait for speech to start again."""
         self._speech_at = None
         self._last_partial = ""
+        self._extended = False
         self._loudest, self._quiet_since = -math.inf, None
         self._heard = (0, "")
         return []
+
+
+TALK_OVER_REMOVED_DB = 6.0  # a chunk the canceller took more than this out of was the device's own sound
+
+
+class TalkOver:
+    """Hears a visitor talking over the device (``conversation.barge_in = "speech"``): a silero VAD
+    on the echo-cancelled microphone while the device thinks or speaks; ``speech_s`` of speech
+    without a break is an interruption. Chunks that were mostly the device's own sound (the
+    canceller removed over TALK_OVER_REMOVED_DB) reach the VAD as silence: what is left of an echo
+    sounds like speech to it, a visitor's voice is not removed."""
+
+    def __init__(self, cfg: SttConfig, vad_path: Path, speech_s: float) -> None:
+        self._vad = build_vad(cfg, vad_path, 30.0, silence_s=0.2)
+        self._need = int(speech_s * SAMPLE_RATE)
+        self._active = False
+        self._fired = False
+
+    def hear(self, chunk: AudioChunk, device_talking: bool, removed_db: float = 0.0) -> float | None:
+        """Feed a chunk (``removed_db``: how much echo was taken out of it); the audio time the
+        visitor's speech began, once it has lasted long enough."""
+        if not device_talking:
+            if self._active:
+                self._vad.reset()
+                self._active = self._fired = False
+            return None
+        if not self._active:
+            self._vad.reset()
+            self._active, self._fired, self._base = True, False, chunk.start
+        x = chunk.float32()
+        self._vad.accept_waveform(np.zeros_like(x) if removed_db > TALK_OVER_REMOVED_DB else x)
+        while not self._vad.empty():
+            self._vad.pop()
+            self._fired = False  # that stretch ended: a new one must last on its own
+        if self._fired or not self._vad.is_speech_detected():
+            return None
+        start = int(self._vad.current_segment.start)
+        if chunk.end - (self._base + start) < self._need:
+            return None
+        self._fired = True
+        return (self._base + start) / SAMPLE_RATE

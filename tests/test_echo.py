@@ -1,0 +1,94 @@
+"""The device hears the visitor over its own voice: `simulate --echo` mixes what it plays back into
+the microphone (a loudspeaker beside it, through a synthetic room), and the echo canceller takes it
+out again before the wake word and the VAD.
+
+The replies here are a venue's FAQ answers: their audio is ready, so they play as soon as the
+question is final, and a visitor's words can be placed over them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+from voice import conversation, wer
+
+from edge.audio.wav import write_wav
+from edge.config import Config, load_config
+from edge.simulate import Echo, simulate
+
+REPO = Path(__file__).resolve().parents[1]
+PACK = REPO / "config" / "packs" / "harbour-museum"
+HELP = '''
+[[faq]]
+id = "how-to-ask"
+questions = ["How do I ask you a question?", "How do I talk to you?"]
+answer = """Just say hey Jarvis, and then ask me your question. I can tell you about the exhibitions, \
+the tickets, the cafe and the shop."""
+'''
+
+
+def _venue(tmp_path: Path) -> Path:
+    """The sample pack with one more answer, which says the wake word twice."""
+    pack = tmp_path / "pack"
+    shutil.copytree(PACK, pack)
+    with (pack / "faq.toml").open("a") as f:
+        f.write(HELP)
+    return pack
+
+
+def _cfg(pack: Path, **audio: object) -> Config:
+    cfg = load_config(REPO / "config" / "dev.toml")
+    return dataclasses.replace(cfg, knowledge=dataclasses.replace(cfg.knowledge, pack=str(pack)),
+                               audio=dataclasses.replace(cfg.audio, **audio))
+
+
+def _run(tmp_path: Path, cfg: Config, echo: Echo) -> list[dict]:
+    wav = tmp_path / "echo.wav"
+    write_wav(wav, conversation(
+        0.5, "Hey Jarvis.", 0.4, "How much is a ticket?", 10.5,  # the canceller learns the room on this reply
+        "Hey Jarvis.", 0.4, "How do I ask you a question?", 2.3,  # its reply says "hey Jarvis" in its first 2 s
+        "Hey Jarvis.", 0.4, "Can I bring my dog?", 2.0,  # ...and this comes over it
+        "Sorry, where are the toilets?", 1.0), 16000)  # ...and this over the answer, without the wake word
+    return [e.as_dict() for e in simulate(cfg, wav, None, realtime=True, echo=echo).events]
+
+
+def of_type(events: list[dict], kind: str) -> list[dict]:
+    return [e for e in events if e["type"] == kind]
+
+
+def test_over_its_own_voice_the_device_hears_the_visitor_and_not_itself(
+        tmp_path: Path, venue_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "cache"  # the shared answers' audio, and this pack's own one more
+    shutil.copytree(venue_cache, cache)
+    monkeypatch.setenv("EDGE_VOICE_CACHE_DIR", str(cache))
+    cfg = _cfg(_venue(tmp_path), aec_engine="speex")
+    # Talking over the device for 1.2 s interrupts it: longer than "Hey Jarvis", so that the wake
+    # word over the second reply is heard as the wake word.
+    cfg = dataclasses.replace(cfg, conversation=dataclasses.replace(cfg.conversation, barge_in="speech",
+                                                                    barge_in_speech_s=1.2))
+    ev = _run(tmp_path, cfg, Echo(0.0, 50.0))
+    finals = [e["text"] for e in of_type(ev, "transcript.final")]
+    # Three wake words, all the visitor's: the reply that says "hey Jarvis" did not wake the device.
+    assert len(of_type(ev, "wake")) == 3, finals
+    assert [e["outcome"] for e in of_type(ev, "turn.end")] == ["done", "barge_in", "barge_in", "done"], finals
+    # Interrupted by the wake word, then by a visitor simply talking over the answer.
+    barge = of_type(ev, "barge_in")
+    assert len(barge) == 2 and "word" in barge[0] and barge[1].get("trigger") == "speech", barge
+    # The questions asked over the replies are heard without the replies' words in them (without
+    # the canceller: "And then, hey Jarvis, can I bring my dog?").
+    assert wer("Can I bring my dog?", finals[2]) <= 0.2, finals
+    assert wer("Sorry, where are the toilets?", finals[3]) <= 0.2, finals
+    assert [e.get("faq_id") for e in of_type(ev, "reply.final")] == ["ticket-prices", "how-to-ask", "dogs",
+                                                                    "toilets"], finals
+
+
+def test_echo_option_is_checked() -> None:
+    assert Echo.parse("-10:120") == Echo(-10.0, 120.0) and Echo.parse("0") == Echo(0.0, 50.0)
+    from edge.errors import EdgeError
+
+    for bad in ("loud", "-10:x", "40", "0:5000"):
+        with pytest.raises(EdgeError, match="--echo"):
+            Echo.parse(bad)
