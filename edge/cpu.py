@@ -11,10 +11,13 @@ So the policy is:
 - the recognizer says when a decode is likely soon (:meth:`CpuPolicy.decode_likely`): the voice
   has gone quiet, and a decode, then a reply, usually follows;
 - the LLM asks, before each evaluation, how many threads it may use (:meth:`CpuPolicy.llm_share`):
-  all of them while nothing else computes, one fewer while something does; and a prefill (work
-  that may be thrown away) keeps to one token at a time on one thread fewer while another
-  stage computes or is expected to, and starts a slice only once no other stage has computed
-  for a moment (:meth:`CpuPolicy.wait_until_quiet`).
+  all of them while nothing else computes, one fewer while something does; a prefill (work that
+  may be thrown away, done while the visitor speaks) always runs on one thread, beside the
+  recognizer's decodes on the other core, in slices of one token while another stage computes or
+  is expected to (so a reply that wants the model waits at most one token). On a slow CPU the
+  decodes of a growing utterance fill much of one core: a prefill that waited for quiet moments
+  fell behind, and one on every core slowed the decodes (measured with the bench's timeline: one
+  4-token slice on two threads beside a decode took 2.4 s).
 
 One policy object per pipeline, made by the composition root and handed to each stage; a stage
 built alone gets its own, which changes nothing.
@@ -27,8 +30,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-
-from edge.signals import Flag
 
 
 @dataclass(frozen=True)
@@ -108,35 +109,10 @@ class CpuPolicy:
     def llm_share(self, full: tuple[int, int], *, prefill: bool) -> LlmShare:
         """Threads for the next evaluation, given the LLM's own ``full`` (threads, batch threads)."""
         lean = self.others_busy or (prefill and self.expected)
+        if prefill and self.share:
+            return LlmShare((1, 1), one_token=lean)
         threads = (max(1, full[0] - 1), max(1, full[1] - 1)) if lean and self.share else full
         return LlmShare(threads, one_token=prefill and lean)
-
-    def wait_until_quiet(self, quiet_s: float, cancel: Flag | None = None) -> bool:
-        """Wait until no other stage has computed for ``quiet_s``; False if ``cancel`` came first.
-
-        A prefill is opportunistic: partials come while the recognizer decodes every few hundred
-        ms, and a decode beside a prefill on every core slowed from 0.17 s to 0.3 s. So each
-        slice waits for a quiet moment, in which what a decode found (a pause) can cancel it.
-        """
-        undo = cancel.on_set(self._wake) if cancel is not None else None
-        try:
-            with self._cond:
-                while not (cancel is not None and cancel.is_set()):
-                    if self._busy:
-                        self._cond.wait()
-                        continue
-                    left = quiet_s - (time.monotonic() - self._idle_since)
-                    if left <= 0:
-                        return True
-                    self._cond.wait(left)
-                return False
-        finally:
-            if undo is not None:
-                undo()
-
-    def _wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
 
     # -- what anyone may read ------------------------------------------------------------
     @property

@@ -149,7 +149,9 @@ def bench_config(cfg: Config, profile: str) -> tuple[Config, Path | None]:
     # carries Phi-3's chat tokens, so the prompts are alike.
     llm = dataclasses.replace(cfg.llm, model=profile, chat_template="phi3",
                               max_tokens=min(cfg.llm.max_tokens, 40), temperature=0.0)
-    return dataclasses.replace(cfg, llm=llm), gguf
+    # Nor can they say whether a question is finished: the turn ends at the fixed silence.
+    turn = dataclasses.replace(cfg.turn, enabled=False)
+    return dataclasses.replace(cfg, llm=llm, turn=turn), gguf
 
 
 def load_bench_stages(cfg: Config, gguf: Path | None, cpu: CpuPolicy | None = None) -> Stages:
@@ -212,10 +214,11 @@ def run_turn(cfg: Config, stages: Stages, audio: TurnAudio, workdir: Path, trace
         if key in timings:
             out.stages_ms[key] = round(timings[key] + shift_ms, 1)
     if trace is not None:
-        # Events carry the wall clock, spans the monotonic one; the feed is real time, so the
-        # true end of the question is the speech.end event's time less the VAD's lag.
+        # Events carry the wall clock, spans the monotonic one. The final transcript was emitted
+        # stt_final ms after the true end of the question (the turn's own timing): that places 0.
         wall_minus_mono = time.time() - time.monotonic()
-        zero = speech_end[0]["time"] - (speech_end[0]["audio_time"] - audio.speech_end)
+        final = next(e for e in ev if e["type"] == "transcript.final")
+        zero = final["time"] - out.stages_ms.get("stt_final", 0.0) / 1000
         out.spans = [{"kind": sp.kind, "start_ms": round(1000 * (sp.start + wall_minus_mono - zero), 1),
                       "end_ms": round(1000 * (sp.end + wall_minus_mono - zero), 1), "detail": sp.detail}
                      for sp in trace.take()]

@@ -32,12 +32,10 @@ _LOGGER = logging.getLogger(__name__)
 # prompt throughput against one 128-token batch; smaller slices would lose batch efficiency.
 EVAL_SLICE = 32
 # A prefill call evaluates at most this many tokens, so a stream() that follows it waits little,
-# in slices this short (one token while another stage computes or is about to): it stops within
-# one slice when the reply is wanted (its ``cancel``), and a slice starts only once no other stage
-# has computed for PREFILL_AFTER_OTHERS_S.
+# in slices this short (one token while another stage computes or is about to), on one thread
+# (the CPU policy): it stops within one slice when the reply is wanted (its ``cancel``).
 PREFILL_MAX_TOKENS = 64
-PREFILL_SLICE = 4
-PREFILL_AFTER_OTHERS_S = 0.02
+PREFILL_SLICE = 2
 
 VIEWS_KEPT = 8  # end-of-turn probabilities remembered (by the prompt's tokens up to the words)
 _KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # GGML_TYPE_*
@@ -436,9 +434,7 @@ class LlamaChatModel:
         n = self._reuse(tokens, keep_last=False)
 
         def after_others() -> str | None:
-            # Opportunistic: each slice waits until no other stage has computed for a moment.
-            quiet = self._cpu.wait_until_quiet(PREFILL_AFTER_OTHERS_S, cancel)
-            return None if quiet else "cancel"
+            return "cancel" if cancel is not None and cancel.is_set() else None
 
         end = min(len(tokens), n + PREFILL_MAX_TOKENS)
         # The end-of-turn view costs nothing when the prefill stops once at the end of the words
