@@ -149,7 +149,7 @@ class SttConfig:
 
 @dataclass(frozen=True)
 class LlmConfig:
-    model: str = opt("phi3-mini-4k-instruct-q4", "LLM model id (manifest; a GGUF).")
+    model: str = opt("phi3-mini-4k-instruct-q4_0", "LLM model id (manifest; a GGUF).")
     system_prompt: str = opt(
         "You are a helpful voice assistant in a public kiosk. Answer in one or two short spoken "
         "sentences. No lists, no markdown.", "System prompt; commands cannot change it.")

@@ -274,10 +274,11 @@ def test_jetson_constraints_replace_only_their_own_pins(tmp_path):
 
 
 def results(transcript: str = "What is the capital of France?", score: float = 0.91, reply: str = "Hi there!",
-            seconds: float = 1.5, rc: int = 0) -> dict:
+            seconds: float = 1.5, rc: int = 0, repacked: bool = True) -> dict:
     return {"check": {"rc": rc, "output": "check passed"}, "transcript": transcript,
             "wake": [{"word": "hey_jarvis", "score": score, "audio_time": 2.0}], "chat_reply": reply,
-            "tts": {"seconds": seconds, "peak": 12000, "sample_rate": 22050}}
+            "tts": {"seconds": seconds, "peak": 12000, "sample_rate": 22050},
+            "q4_0": {"rc": 0, "repacked": repacked, "log": ["load_tensors: CPU_REPACK model buffer size = 5 MiB"]}}
 
 
 @pytest.mark.parametrize("emu,heard,problem", [
@@ -288,6 +289,7 @@ def results(transcript: str = "What is the capital of France?", score: float = 0
     (results(seconds=3.0), "Hi there.", "reply audio"),
     (results(), "static noise", "sounds like"),
     (results(rc=1), "Hi there.", "check failed"),
+    (results(repacked=False), "Hi there.", "did not repack Q4_0"),
 ])
 def test_emulated_results_must_match_the_native_ones(emu, heard, problem):
     smoke = script(SMOKE)

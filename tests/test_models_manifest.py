@@ -22,7 +22,8 @@ def test_shipped_manifest_profiles() -> None:
     for name in ("pi5", "jetson"):
         kinds = {s.kind for s in m.select(name, ())}
         assert {"llm", "stt-streaming", "tts", "vad", "wake"} <= kinds
-        assert "phi3-mini-4k-instruct-q4" in m.profile(name).models
+        # The Pi 5 gets the quantization llama.cpp repacks for its cores; the Jetson the published one.
+        assert ("phi3-mini-4k-instruct-q4_0" if name == "pi5" else "phi3-mini-4k-instruct-q4") in m.profile(name).models
         assert "kws-zipformer-gigaspeech-3.3m" in m.profile(name).optional
     for spec in m.models.values():
         assert spec.kind in KINDS and spec.licence.strip() and spec.sources
@@ -124,15 +125,18 @@ def test_list_pi5_shows_sizes_licences_and_sources(tmp_path: Path) -> None:
     proc = cli("list", "--profile", "pi5")
     assert proc.returncode == 0, proc.stderr
     blocks = _blocks(proc.stdout)
-    phi = blocks["phi3-mini-4k-instruct-q4"]
-    assert re.match(r"phi3-mini-4k-instruct-q4\s+llm\s+2\.4 GB\s+not installed", phi)
+    phi = blocks["phi3-mini-4k-instruct-q4_0"]
+    assert re.match(r"phi3-mini-4k-instruct-q4_0\s+llm\s+size unknown\s+not installed", phi)
     assert "licence: MIT" in phi
     assert "huggingface.co/microsoft/Phi-3-mini-4k-instruct-gguf/resolve/999f761" in phi
+    assert "Phi-3-mini-4k-instruct-fp16.gguf" in phi and "--trust-on-first-use" in phi  # quantized on install
     zf = blocks["zipformer-en-2023-06-26"]
     assert re.match(r"zipformer-en-2023-06-26\s+stt-streaming\s+~310\.4 MB", zf)
     assert "licence: Apache-2.0" in zf and "sherpa-onnx-streaming-zipformer-en-2023-06-26.tar.bz2" in zf
     assert "--trust-on-first-use" in zf
-    assert "--trust-on-first-use" not in phi
+    jetson = _blocks(cli("list", "--profile", "jetson").stdout)["phi3-mini-4k-instruct-q4"]
+    assert re.match(r"phi3-mini-4k-instruct-q4\s+llm\s+2\.4 GB\s+not installed", jetson)
+    assert "--trust-on-first-use" not in jetson
     assert "(optional)" in blocks["kws-zipformer-gigaspeech-3.3m"]
 
 

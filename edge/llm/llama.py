@@ -56,6 +56,16 @@ def _import_llama_cpp() -> Any:
     return llama_cpp
 
 
+def import_llama_cpp() -> Any:
+    """llama_cpp, with llama.cpp's log routed to ours (for other users of the library)."""
+    return _import_llama_cpp()
+
+
+def last_llama_errors() -> list[str]:
+    """llama.cpp's latest error lines (its log is routed to ours, not to stderr)."""
+    return list(_log_tail)
+
+
 def _install_log_hook(llama_cpp: Any) -> None:
     """Route llama.cpp's log to ours: warnings to the log, errors kept for the error message."""
     global _log_hook

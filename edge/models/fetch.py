@@ -71,7 +71,38 @@ def prepare_concat(spec: ModelSpec, staging: Path) -> None:
                 shutil.copyfileobj(f, out, 1 << 20)
 
 
-PREPARE_STEPS: dict[str, PrepareStep] = {"piper": prepare_piper, "concat": prepare_concat}
+def prepare_quantize_q4_0(spec: ModelSpec, staging: Path) -> None:
+    """Quantize the fetched GGUF (F16 or F32) to Q4_0 with llama.cpp: the quantization it repacks
+    at load for ARM's dot-product instructions (the Pi 5's Cortex-A76) and for AVX2, when a
+    publisher ships only other ones. Deterministic for a given input and llama.cpp."""
+    produced = [f for f in spec.files if f.produced]
+    sources = [f for f in spec.inputs if f.name.endswith(".gguf")]
+    if len(produced) != 1 or len(sources) != 1:
+        raise ModelError(f"{spec.id}: the quantize-q4_0 step makes one GGUF from one GGUF; the manifest names "
+                         f"{len(sources)} input(s) and {len(produced)} output(s)", code="model.prepare")
+    from edge.errors import MissingDependency
+    from edge.llm.llama import import_llama_cpp, last_llama_errors
+
+    try:
+        llama_cpp = import_llama_cpp()
+    except MissingDependency:
+        raise ModelError(f"{spec.id}: quantizing needs llama-cpp-python (pip install 'edge-voice[llm]')",
+                         code="model.prepare") from None
+    import ctypes
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.nthread = os.cpu_count() or 1
+    src, out = staging / sources[0].name, staging / produced[0].name
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+        out.unlink(missing_ok=True)
+        why = next(reversed(last_llama_errors()), "")
+        raise ModelError(f"{spec.id}: llama.cpp could not quantize {sources[0].name} to Q4_0 (an F16 or F32 GGUF "
+                         f"is needed){': ' + why if why else ''}", code="model.prepare")
+
+
+PREPARE_STEPS: dict[str, PrepareStep] = {"piper": prepare_piper, "concat": prepare_concat,
+                                         "quantize-q4_0": prepare_quantize_q4_0}
 
 
 @dataclass

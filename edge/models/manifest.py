@@ -26,7 +26,7 @@ else:  # pragma: no cover - Python 3.10 (JetPack 6)
     import tomli as tomllib
 
 KINDS = ("wake", "vad", "stt-streaming", "stt-offline", "llm", "tts", "embedding", "turn", "lora")
-PREPARE_STEPS = ("piper", "concat")
+PREPARE_STEPS = ("piper", "concat", "quantize-q4_0")
 SOURCE_TYPES = ("url", "archive", "pypi", "mirror")
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")

@@ -88,6 +88,26 @@ def chat(cfg: Any, gguf: Path, text: str) -> str:
         model.close()
 
 
+def probe_repack(gguf: Path) -> None:
+    """(In a child process of its own.) Load a Q4_0 GGUF with llama.cpp's log on stderr and run a
+    token: the parent reads whether the weights were repacked for this CPU."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=64, n_threads=1, verbose=True)
+    llm.eval(llm.tokenize(b"Hello", add_bos=True))
+    llm.close()
+
+
+def q4_0_repacked(gguf: Path) -> dict[str, Any]:
+    """Whether llama.cpp repacks Q4_0 weights on this CPU (the dot-product kernels a Pi 5 needs):
+    its load log names a CPU_REPACK buffer when it does."""
+    proc = subprocess.run([sys.executable, __file__, "--probe-repack", str(gguf)], capture_output=True, text=True,
+                          timeout=600)
+    lines = [ln.strip() for ln in proc.stderr.splitlines() if "REPACK" in ln]
+    return {"rc": proc.returncode, "repacked": proc.returncode == 0 and bool(lines), "log": lines[:3],
+            "tail": proc.stderr.strip().splitlines()[-3:] if proc.returncode else []}
+
+
 def synthesize(cfg: Any, files: dict[str, Any], text: str) -> tuple[np.ndarray, int]:
     from edge.signals import CancelScope
     from edge.tts import make_synthesizer
@@ -112,7 +132,7 @@ def timed(results: dict[str, Any], name: str, fn: Any, *args: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--config", type=Path, help="the dev config (required but for --probe-repack)")
     p.add_argument("--transcribe", type=Path, metavar="WAV",
                    help="only print the transcript of this WAV (with a half second of silence around it)")
     p.add_argument("--speech", type=Path, help="16 kHz WAV of a question")
@@ -120,7 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gguf", type=Path, help="chat model for the turn")
     p.add_argument("--out", type=Path, help="results as JSON")
     p.add_argument("--reply-wav", type=Path, help="where to write the synthesized reply")
+    p.add_argument("--q4-gguf", type=Path, help="a tiny Q4_0 GGUF: report whether llama.cpp repacks it here")
+    p.add_argument("--probe-repack", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.probe_repack:
+        probe_repack(args.probe_repack)
+        return 0
+    if args.config is None:
+        p.error("--config is required")
 
     from edge.audio.wav import read_wav, write_wav
     from edge.config import load_config
@@ -149,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     results["transcript"] = timed(results, "stt", transcribe, cfg, files, read_wav(args.speech)[0])
     results["wake"] = timed(results, "wake", wake, cfg, files, read_wav(args.wake)[0])
     results["chat_reply"] = timed(results, "llm", chat, cfg, args.gguf, results["transcript"] or "Hello")
+    if args.q4_gguf:
+        results["q4_0"] = timed(results, "q4_0", q4_0_repacked, args.q4_gguf)
     audio, rate = timed(results, "tts", synthesize, cfg, files, results["chat_reply"])
     write_wav(args.reply_wav, audio, rate)
     peak = int(np.abs(audio.astype(np.int32)).max()) if len(audio) else 0
