@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="validate a config and that its models are installed")
     _add_config(p)
+    p.add_argument("--mqtt-online-since", type=float, metavar="EPOCH",
+                   help="instead: wait until the daemon's retained MQTT status says online, started at or after "
+                        "EPOCH (seconds; 0: any start); exit 0 when it does, 1 with one line when it does not")
+    p.add_argument("--timeout", type=float, metavar="S", help="with --mqtt-online-since: wait at most S seconds "
+                   "(default 60)")
+    p.add_argument("--json", action="store_true", help="with --mqtt-online-since: print the result as JSON")
 
     p = sub.add_parser("bench", help="measure the pipeline's latency stage by stage against a sequential baseline")
     p.add_argument("--config", "-c", default="config/dev.toml", metavar="FILE",
@@ -172,9 +178,15 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_devices(args.config, args.json)
     if cmd == "check":
+        if args.mqtt_online_since is None and (args.timeout is not None or args.json):
+            raise EdgeError("--timeout and --json go with --mqtt-online-since", code="usage")
+        cfg = _load(args)
+        if args.mqtt_online_since is not None:
+            from edge.mqtt.probe import run_probe
+
+            return run_probe(cfg, args.mqtt_online_since, args.timeout, args.json)
         from edge.check import run_check
 
-        cfg = _load(args)
         return run_check(cfg)
     if cmd == "run":
         from edge.config import load_config

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -45,7 +46,10 @@ def _common(mirror: bool = False, select: bool = True) -> argparse.ArgumentParse
 
 def _configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="models_command", metavar="COMMAND", required=True)
-    sub.add_parser("list", parents=[_common()], help="the models of a profile and their state")
+    listing = sub.add_parser("list", parents=[_common()], help="the models of a profile and their state")
+    listing.add_argument("--json", action="store_true",
+                         help="print one JSON object: model id -> its state (ok, not installed, not current, "
+                              "changed on disk), versions, kind, size and whether the profile makes it optional")
     fetch = sub.add_parser("fetch", parents=[_common(mirror=True)],
                            help="download, check and install models (nothing is transferred twice)")
     fetch.add_argument("--trust-on-first-use", action="store_true",
@@ -100,16 +104,37 @@ def _size_text(spec: ModelSpec) -> str:
     return f"~{human(approx)}" if approx else "size unknown"
 
 
+def state_word(st: manage.Status) -> str:
+    """One word for a model's state, for scripts: ok, not installed, not current, changed on disk."""
+    if st.current is None:
+        return "not installed"
+    if not st.matches:
+        return "not current"
+    return "ok" if st.intact else "changed on disk"
+
+
+def _list_json(specs: list[ModelSpec], optional: set[str], store: ModelStore) -> int:
+    out = {}
+    for spec in specs:
+        st = manage.status(store, spec)
+        out[spec.id] = {"state": state_word(st), "current": st.current, "previous": st.previous,
+                        "versions": list(st.versions), "kind": spec.kind, "size": spec.install_size,
+                        "optional": spec.id in optional}
+    print(json.dumps(out, sort_keys=True))
+    return 0
+
+
 def cmd_list(args: argparse.Namespace, manifest: Manifest, store: ModelStore) -> int:
     if args.profile is None and not args.model:
         specs = list(manifest.models.values())
-        optional: set[str] = set()
     else:
         specs = manifest.select(args.profile, args.model, with_optional=True)
-        optional = set(manifest.profile(args.profile).optional) if args.profile else set()
-        profile = manifest.profile(args.profile) if args.profile else None
-        if profile is not None:
-            print(f"profile {profile.name}: {profile.description}".rstrip(": "))
+    profile = manifest.profile(args.profile) if args.profile else None
+    optional = set(profile.optional) if profile is not None else set()
+    if args.json:
+        return _list_json(specs, optional, store)
+    if profile is not None:
+        print(f"profile {profile.name}: {profile.description}".rstrip(": "))
     print(f"models root: {store.root}")
     for spec in specs:
         tag = "  (optional)" if spec.id in optional else ""

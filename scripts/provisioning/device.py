@@ -1,8 +1,8 @@
 """The device side of scripts/provision: one action per run, sent over ssh stdin.
 
-``scripts/provision`` runs ``ssh HOST [sudo -n] /usr/bin/python3 -`` and writes this file to its
-stdin with the ``REQUEST`` line filled in: the action, its arguments and ``apply``. Secrets
-therefore travel on stdin, never in a command line that `ps` shows.
+``scripts/provision`` (provisioning.remote) runs ``ssh HOST [sudo -n] /usr/bin/python3 -`` and
+writes this file to its stdin with the ``REQUEST`` line filled in: the action, its arguments and
+``apply``. Secrets therefore travel on stdin, never in a command line that `ps` shows.
 
 Every action checks first and changes only what differs ("check, then change if needed"); with
 ``apply`` false it changes nothing and says what it would do. It prints its progress on stderr
@@ -10,6 +10,9 @@ Every action checks first and changes only what differs ("check, then change if 
 ``status`` ok | changed | needed | skipped | failed and a one-line ``detail``.
 
 Only the standard library of the device's own Python (3.10 on JetPack 6, 3.11 on Bookworm).
+What needs edge-voice's own code (the state of the models, installing a knowledge pack, waiting
+for the daemon's MQTT status) runs the installed edge-voice's commands (``python -m edge ...``
+from the venv, which works in an alternate root too) and reads their JSON or their output.
 ``root`` is the alternate root ("/" normally): every path below is taken inside it.
 """
 
@@ -418,21 +421,6 @@ def act_venv(req: dict[str, Any]) -> dict[str, Any]:
 
 # --- models fetched on the device -----------------------------------------------------------
 
-_MODEL_STATE = """
-import json, sys
-from edge.models import manage
-from edge.models.manifest import load_manifest
-from edge.models.store import ModelStore
-manifest, store = load_manifest(), ModelStore(sys.argv[2])
-out = {}
-for spec in manifest.select(sys.argv[1]):
-    st = manage.status(store, spec)
-    out[spec.id] = "ok" if st.current and st.matches and st.intact else (
-        "not installed" if st.current is None else "not current" if not st.matches else "changed on disk")
-print(json.dumps(out))
-"""
-
-
 def venv_env(root: str) -> dict[str, str]:
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONDONTWRITEBYTECODE": "1",
            "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8"}
@@ -452,19 +440,90 @@ def act_models_fetch(req: dict[str, Any]) -> dict[str, Any]:
             raise Fail(f"{req['venv']} is missing: the venv step must run first")
         return done("needed", f"would run `edge-voice models fetch --profile {req['profile']}` "
                               "(edge-voice is not installed yet, so the models cannot be checked)")
-    proc = sh([python, "-c", _MODEL_STATE, req["profile"], models], env=venv_env(root), timeout=600)
-    state = json.loads(proc.stdout.strip().splitlines()[-1])
+    listed = sh([python, "-m", "edge", "models", "list", "--profile", req["profile"], "--root", models, "--json"],
+                env=venv_env(root), timeout=600, quiet=True)
+    try:
+        models_state = json.loads(listed.stdout)
+    except ValueError:
+        raise Fail("`edge-voice models list --json` printed no JSON: "
+                   + (listed.stdout.strip()[-200:] or "nothing")) from None
+    state = {k: v["state"] for k, v in models_state.items() if not v.get("optional")}
+    log("models: " + ", ".join(f"{k} {v}" for k, v in sorted(state.items())))
     todo = {k: v for k, v in state.items() if v != "ok"}
     if not todo:
         return done("ok", f"{len(state)} models of profile {req['profile']} installed and current")
-    listed = ", ".join(f"{k} ({v})" for k, v in todo.items())
+    names = ", ".join(f"{k} ({v})" for k, v in todo.items())
     if not req["apply"]:
-        return done("needed", f"would fetch {listed}" + (f" (mirror {req['mirror']})" if req.get("mirror") else ""))
+        return done("needed", f"would fetch {names}" + (f" (mirror {req['mirror']})" if req.get("mirror") else ""))
     cmd = [python, "-m", "edge", "models", "fetch", "--profile", req["profile"], "--root", models]
     if req.get("mirror"):
         cmd += ["--mirror", inside(root, req["mirror"]) if req.get("mirror_pushed") else req["mirror"]]
     sh(cmd, env=venv_env(root), timeout=float(req.get("timeout_s", 7200)))
-    return done("changed", f"fetched {listed}")
+    return done("changed", f"fetched {names}")
+
+
+# --- owner of the trees the daemon writes -----------------------------------------------------
+
+def act_owner(req: dict[str, Any]) -> dict[str, Any]:
+    """Make every file, folder and link under ``path`` owned by ``owner:group`` (the service's):
+    rollouts make the daemon write new versions there, while rsync and fetches run as root.
+    systemd's StateDirectory= fixes owners only when the top folder's is wrong, so files added
+    by a later run would stay root's. Only the owner changes: modes and times are kept."""
+    root, path, apply = req["root"], req["path"], req["apply"]
+    owner, group = req["owner"], req["group"]
+    full = inside(root, path)
+    if not os.path.lexists(full):
+        return done("ok", f"no {path} yet")
+    uid, gid = id_of(root, "passwd", owner), id_of(root, "group", group)
+    wrong: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(full):
+        for p in ([dirpath] if dirpath == full else []) + [os.path.join(dirpath, n) for n in dirnames + filenames]:
+            st = os.lstat(p)
+            if uid is None or gid is None or (st.st_uid, st.st_gid) != (uid, gid):
+                wrong.append(p)
+    if not wrong:
+        return done("ok", f"{path} is owned by {owner}:{group}")
+    what = f"{len(wrong)} path{'s' if len(wrong) != 1 else ''} under {path} owned by {owner}:{group}"
+    if not apply:
+        return done("needed", "make " + what)
+    if uid is None or gid is None:
+        raise Fail(f"{owner}:{group} does not exist in {inside(root, '/etc/passwd')}; the user step creates it")
+    for p in wrong:
+        os.lchown(p, uid, gid)
+    more = f" and {len(wrong) - 20} more" if len(wrong) > 20 else ""
+    log(f"chown {owner}:{group}: " + ", ".join(wrong[:20]) + more)
+    return done("changed", "made " + what)
+
+
+# --- knowledge packs --------------------------------------------------------------------------
+
+def act_pack(req: dict[str, Any]) -> dict[str, Any]:
+    """Install the pack pushed to ``staging`` with `edge-voice packs install` (checked again,
+    switched atomically, the previous version kept for `packs rollback`), unless the device's
+    current version of that pack is ``digest`` already."""
+    root, venv = req["root"], inside(req["root"], req["venv"])
+    python, packs, label = venv + "/bin/python", inside(root, req["packs"]), req["label"]
+    if not os.path.exists(python):
+        if req["apply"]:
+            raise Fail(f"{req['venv']} is missing: the venv step must run first")
+        return done("needed", f"would install knowledge pack {label} in {req['packs']} "
+                              "(edge-voice is not installed yet, so the installed packs cannot be checked)")
+    listed = sh([python, "-m", "edge", "packs", "list", "--root", packs], env=venv_env(root), timeout=300)
+    current = None
+    for line in listed.stdout.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == req["pack_id"]:
+            current = words[1]  # the installed version, or BROKEN (changed on disk)
+    if current == req["digest"]:
+        return done("ok", f"knowledge pack {label} is current in {req['packs']} (version {current})")
+    now = "not installed" if current is None else ("changed on disk" if current == "BROKEN" else f"now {current}")
+    if not req["apply"]:
+        return done("needed", f"would install knowledge pack {label} as version {req['digest']} ({now}) in "
+                              f"{req['packs']}, keeping the previous one")
+    proc = sh([python, "-m", "edge", "packs", "install", inside(root, req["staging"]), "--root", packs],
+              env=venv_env(root), timeout=300)
+    lines = [ln.strip() for ln in proc.stdout.splitlines() if ln.strip()]
+    return done("changed", (lines[-1] if lines else f"installed knowledge pack {label}").replace(packs, req["packs"]))
 
 
 # --- systemd --------------------------------------------------------------------------------
@@ -532,53 +591,25 @@ def act_service(req: dict[str, Any]) -> dict[str, Any]:
     return done("changed", f"{verb}ed {SERVICE}{why}: active ({p.get('SubState')})", since=since)
 
 
-_MQTT_WAIT = r"""
-import json, ssl, sys, threading, time
-import paho.mqtt.client as mqtt
-from edge.config import load_config
-cfg = load_config(sys.argv[1])
-m, since, timeout = cfg.mqtt, float(sys.argv[2]), float(sys.argv[3])
-topic = f"{m.prefix}/{cfg.device_id}/status"
-password = m.password
-if m.password_file:
-    with open(m.password_file, encoding="utf-8") as f:
-        password = f.read().strip()
-got, seen = threading.Event(), {}
-def on_message(client, userdata, msg):
-    try:
-        body = json.loads(msg.payload)
-    except ValueError:
-        return
-    seen.update(body)
-    if body.get("state") == "online" and float(body.get("started", 0)) >= since - 5:
-        got.set()
-c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="",
-                protocol=mqtt.MQTTv5 if m.protocol == "5" else mqtt.MQTTv311)
-if m.username:
-    c.username_pw_set(m.username, password or None)
-if m.tls:
-    c.tls_set(ca_certs=m.ca_file or None, certfile=m.cert_file or None, keyfile=m.key_file or None)
-c.on_message = on_message
-c.on_connect = lambda client, *a: client.subscribe(topic, qos=1)
-c.connect(m.host, m.port, 30)
-c.loop_start()
-ok = got.wait(timeout)
-c.loop_stop()
-print(json.dumps({"topic": topic, "ok": ok, "seen": seen.get("state")}))
-"""
-
-
 def act_mqtt(req: dict[str, Any]) -> dict[str, Any]:
+    """Wait until the daemon's retained MQTT status says online, published by the process the
+    service step started: `edge-voice check --mqtt-online-since` (edge/mqtt/probe.py)."""
     root, venv = req["root"], inside(req["root"], req["venv"])
     env = venv_env(root)
     if req.get("password_file"):
         env["EDGE_VOICE_MQTT__PASSWORD_FILE"] = inside(root, req["password_file"])
-    proc = sh([venv + "/bin/python", "-c", _MQTT_WAIT, inside(root, req["config"]), str(req["since"]),
-               str(req.get("timeout_s", 60))], env=env, timeout=float(req.get("timeout_s", 60)) + 30)
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    if not res["ok"]:
-        raise Fail(f"{res['topic']} did not say online within {req.get('timeout_s', 60)} s "
-                   f"(last state: {res['seen'] or 'nothing received'})")
+    timeout = float(req.get("timeout_s", 60))
+    proc = sh([venv + "/bin/python", "-m", "edge", "check", "--config", inside(root, req["config"]),
+               "--mqtt-online-since", repr(float(req["since"])), "--timeout", f"{timeout:g}", "--json"],
+              env=env, timeout=timeout + 30, check=False)
+    try:
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+        raise Fail("`edge-voice check --mqtt-online-since` failed: "
+                   + (lines[-1] if lines else f"exit {proc.returncode}, no output")) from None
+    if not res.get("online"):
+        raise Fail(res["line"])
     return done("ok", f"{res['topic']}: online")
 
 
@@ -605,8 +636,8 @@ def act_check(req: dict[str, Any]) -> dict[str, Any]:
 
 ACTIONS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "facts": act_facts, "packages": act_packages, "file": act_file, "absent": act_absent, "user": act_user,
-    "llama-build": act_llama_build, "venv": act_venv, "models-fetch": act_models_fetch, "enable": act_enable,
-    "service": act_service, "mqtt": act_mqtt, "check": act_check,
+    "llama-build": act_llama_build, "venv": act_venv, "models-fetch": act_models_fetch, "owner": act_owner,
+    "pack": act_pack, "enable": act_enable, "service": act_service, "mqtt": act_mqtt, "check": act_check,
 }
 
 
