@@ -2,9 +2,10 @@
 ``edge-voice devices``.
 
 ``audio.input_device`` / ``audio.output_device`` name a PortAudio device (index, name or a
-unique part of its name) or ``file:PATH``: a WAV or raw 16 kHz PCM file (or FIFO) read in
-real time, and a WAV file written as audio plays. File devices let the daemon run headless
-and let tests drive it; reads from a FIFO block like a hung capture driver does.
+unique part of its name) or ``file:PATH``: a WAV or raw 16 kHz PCM file read in real time
+(or a FIFO, read as its writer delivers it), and a WAV file written as audio plays. File
+devices let the daemon run headless and let tests drive it; reads from a FIFO block like a
+hung capture driver does.
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ _LOGGER = logging.getLogger(__name__)
 
 
 class FileMicrophone:
-    """Reads a WAV or raw PCM file (or FIFO) at real-time pace.
+    """Reads a WAV or raw PCM file at real-time pace, or a FIFO as its writer delivers.
 
-    A regular file is followed by endless silence. A FIFO is a live source: reads happen on
-    the caller's thread, so a writer that stalls stalls the reader, exactly like a capture
-    driver that stops returning, and a writer that goes away is a lost device
-    (:class:`AudioError`), to be reopened.
+    A regular file is followed by endless silence. A FIFO is a live source: its writer sets
+    the pace (a capture driver's clock), so a writer may deliver idle stretches faster than
+    real time and the pipeline takes them as fast as it can. Reads happen on the caller's
+    thread, so a writer that stalls stalls the reader, exactly like a capture driver that
+    stops returning, and a writer that goes away is a lost device (:class:`AudioError`), to
+    be reopened.
     """
 
     def __init__(self, path: str | os.PathLike, *, realtime: bool = True, end_silence: bool = True) -> None:
@@ -103,7 +106,7 @@ class FileMicrophone:
             self._pending = np.concatenate(
                 [self._pending, np.zeros(CHUNK_SAMPLES - len(self._pending), dtype=np.int16)])
         block, self._pending = self._pending[:CHUNK_SAMPLES], self._pending[CHUNK_SAMPLES:]
-        if self.realtime:
+        if self.realtime and not self.is_fifo:
             delay = self._due - time.monotonic()
             if delay > 0:
                 time.sleep(min(delay, timeout))
