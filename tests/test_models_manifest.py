@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from models_fixtures import REPO, SHARED_MIRROR, Cli, error_line, file_entry, write_manifest
 
+from edge.config import load_config
 from edge.errors import ModelError
 from edge.models.manifest import KINDS, load_manifest, parse_manifest
 
@@ -25,6 +26,11 @@ def test_shipped_manifest_profiles() -> None:
         # The Pi 5 gets the quantization llama.cpp repacks for its cores; the Jetson the published one.
         assert ("phi3-mini-4k-instruct-q4_0" if name == "pi5" else "phi3-mini-4k-instruct-q4") in m.profile(name).models
         assert "kws-zipformer-gigaspeech-3.3m" in m.profile(name).optional
+    # pi5-fast: the pi5 profile with a faster LLM, named by its config file
+    fast = m.profile("pi5-fast").models
+    assert "qwen2.5-1.5b-instruct-q4_0" in fast and "phi3-mini-4k-instruct-q4_0" not in fast
+    assert set(fast) - {"qwen2.5-1.5b-instruct-q4_0"} == set(m.profile("pi5").models) - {"phi3-mini-4k-instruct-q4_0"}
+    assert load_config(REPO / "config" / "pi5-fast.toml").llm.model == "qwen2.5-1.5b-instruct-q4_0"
     for spec in m.models.values():
         assert spec.kind in KINDS and spec.licence.strip() and spec.sources
 

@@ -361,7 +361,7 @@ class LlamaChatModel:
         # The last token of the head may merge with the first word of a question.
         tokens = self._tokenize_prompt(self._prompts.head(system_prompt, []))[:-1]
         n = self._reuse(tokens, keep_last=False)
-        how = "evaluated"
+        todo, how = len(tokens) - n, "evaluated"
         if n < len(tokens) and self._state_dir is not None and len(tokens) >= STATE_MIN_TOKENS:
             path = self._state_dir / f"{self._state_key(tokens)}.state"
             if self._load_state(path, tokens):
@@ -372,7 +372,7 @@ class LlamaChatModel:
                 how = "evaluated and saved"
         else:
             self._eval(tokens[n:])
-        _LOGGER.info("system prompt: %d tokens (%d %s) in %.2f s", len(tokens), len(tokens) - n, how,
+        _LOGGER.info("system prompt: %d tokens (%d %s) in %.2f s", len(tokens), todo, how,
                      time.monotonic() - t0)
 
     def _state_key(self, tokens: Sequence[int]) -> str:
