@@ -280,14 +280,16 @@ class Pipeline:
         bridge.set_metrics_source(self.metrics)
         if self.venue is not None:
             bridge.set_knowledge(self.venue.status)
-        bridge.start()
-        self.bus.subscribe(bridge.publish_event)
-        self.bridge = bridge
         from edge.rollout.manager import RolloutManager
 
+        # The manager exists before the bridge connects: a retained desired rollout arrives with the
+        # connection, and one that found no manager would not be read again until the next one.
         self.rollouts = RolloutManager(self.cfg, self, _RolloutReport(bridge))
         self.bus.subscribe(self.rollouts.on_event)
-        self.rollouts.start()
+        self.rollouts.start()  # its reports wait in the bridge's outbox and status until it connects
+        self.bridge = bridge
+        bridge.start()
+        self.bus.subscribe(bridge.publish_event)
 
     def open(self, speaker: Speaker) -> Conversation:
         """The conversation, speaking through ``speaker``, with the venue's knowledge; the LLM's

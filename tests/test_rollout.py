@@ -689,6 +689,27 @@ def test_the_rollout_settings_are_in_the_config(tmp_path: Path) -> None:
             load_config(path, environ={})
 
 
+def test_the_rollout_manager_is_there_before_the_bridge_connects(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device that comes back during a rollout finds its retained desired state the moment it
+    connects; a manager made after the connection lost that race on a busy machine, and the
+    desired state was not read again until the next reconnection."""
+    from edge.app import Pipeline
+    from edge.mqtt.client import MqttBridge
+
+    cfg = device_config(tmp_path, public_key=None, mirrors=[])
+    cfg = dataclasses.replace(cfg, mqtt=dataclasses.replace(cfg.mqtt, enabled=True, host="127.0.0.1", port=9))
+    pipe = Pipeline(cfg, clock=type("Clock", (), {"now": lambda self: 0.0})())
+    at_start: list[Any] = []
+    monkeypatch.setattr(MqttBridge, "start", lambda self: at_start.append(pipe.rollouts))
+    pipe.connect()
+    try:
+        assert len(at_start) == 1 and isinstance(at_start[0], RolloutManager)
+        assert pipe.rollouts is at_start[0] and pipe.bridge is not None
+    finally:
+        pipe.close(bridge_timeout=1)
+
+
 def test_a_pack_rollout_puts_the_new_venue_into_service_and_the_status_says_so(tmp_path: Path,
                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The pipeline's half of the seam, with the dev models: a candidate (fresh voice and ear, the

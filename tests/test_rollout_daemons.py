@@ -203,16 +203,22 @@ mirrors = ["{mirror.url}"]
             print(json.dumps({k: {"state": v["state"], "timings_ms": v["timings_ms"],
                                   "selftest": (v["selftest"] or {}).get("checks")} for k, v in devices.items()},
                              indent=1))
-            assert {k: v["state"] for k, v in devices.items()} == {
-                "booth-a": "confirmed", "booth-b": "confirmed", "booth-c": "rolled_back", "booth-d": "rolled_back",
-                "booth-e": "not started"}, report
+            expected_states = {"booth-a": "confirmed", "booth-b": "confirmed", "booth-c": "rolled_back",
+                               "booth-d": "rolled_back", "booth-e": "not started"}
+            states = {k: v["state"] for k, v in devices.items()}
+            assert states == expected_states, "\n".join(
+                [json.dumps(report)] + [f"--- {k}'s log:\n{log(k)[-4000:]}" for k in DEVICES
+                                        if states.get(k) != expected_states[k] and k != "booth-e"])
             assert report["state"] == "stopped" and "2 of 4" in report["stopped"]
             assert devices["booth-c"]["error"]["code"] == "rollout.selftest"
             assert "selftest_max_ms" in devices["booth-c"]["error"]["message"]
             assert devices["booth-d"]["error"]["code"] == "rollout.interrupted"
             for name in ("booth-a", "booth-b"):
                 checks = devices[name]["selftest"]["checks"]
-                assert checks["stt"]["wer"] <= 0.2 and checks["tts"]["audio_s"] > 1, checks
+                # The device's own rule (rollout.selftest_max_wer, 0.5): the voice samples its noise, so
+                # the tiny recognizer now and then mishears a word or two ("buy it to kit", 0.33).
+                assert checks["stt"]["ok"] and checks["stt"]["wer"] <= 0.5 and checks["tts"]["audio_s"] > 1, checks
+                assert "museum" in checks["stt"]["text"].lower(), checks
                 encoder = next(f for f in release.files if f.role == "encoder")
                 assert devices[name]["downloaded"] == encoder.size  # the one new file
                 assert devices[name]["reused"] == release.total_size - encoder.size
