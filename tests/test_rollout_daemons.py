@@ -208,16 +208,17 @@ mirrors = ["{mirror.url}"]
             states = {k: v["state"] for k, v in devices.items()}
             assert states == expected_states, "\n".join(
                 [json.dumps(report)] + [f"--- {k}'s log:\n{log(k)[-4000:]}" for k in DEVICES
-                                        if states.get(k) != expected_states[k] and k != "booth-e"])
+                                        if states.get(k) != expected_states[k]])
             assert report["state"] == "stopped" and "2 of 4" in report["stopped"]
             assert devices["booth-c"]["error"]["code"] == "rollout.selftest"
             assert "selftest_max_ms" in devices["booth-c"]["error"]["message"]
             assert devices["booth-d"]["error"]["code"] == "rollout.interrupted"
+            max_wer = load_config(DEV, environ={}).rollout.selftest_max_wer
             for name in ("booth-a", "booth-b"):
                 checks = devices[name]["selftest"]["checks"]
-                # The device's own rule (rollout.selftest_max_wer, 0.5): the voice samples its noise, so
-                # the tiny recognizer now and then mishears a word or two ("buy it to kit", 0.33).
-                assert checks["stt"]["ok"] and checks["stt"]["wer"] <= 0.5 and checks["tts"]["audio_s"] > 1, checks
+                # The device's own rule (rollout.selftest_max_wer): the voice samples its noise, so the
+                # tiny recognizer now and then mishears a word or two ("buy it to kit", 0.33).
+                assert checks["stt"]["ok"] and checks["stt"]["wer"] <= max_wer and checks["tts"]["audio_s"] > 1, checks
                 assert "museum" in checks["stt"]["text"].lower(), checks
                 encoder = next(f for f in release.files if f.role == "encoder")
                 assert devices[name]["downloaded"] == encoder.size  # the one new file
