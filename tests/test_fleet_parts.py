@@ -225,3 +225,24 @@ def test_store_targets_and_their_errors(tmp_path: Path) -> None:
     assert redact("postgresql://edge:pw@127.0.0.1:5432/fleet") == "postgresql://edge:***@127.0.0.1:5432/fleet"
     assert redact("postgresql://edge@db/fleet") == "postgresql://edge@db/fleet"
     assert isinstance(open_store(f"sqlite://{tmp_path / 'x.db'}"), SqliteStore)
+
+
+def test_a_refused_first_login_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    """The broker refuses the login and closes the socket; the client's network thread may see the
+    close, and try again, before connect() has closed it: nothing more is logged than the refusal
+    connect() raises (a CLI's error stays one line)."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from edge.fleet.client import FleetClient
+    from edge.fleet.config import FleetConfig
+
+    client = FleetClient(FleetConfig(host="127.0.0.1", port=1))
+    refused = ReasonCode(PacketTypes.CONNACK, identifier=0x87)
+    client._on_connect(None, None, None, refused, None)
+    assert client._first.is_set() and "refused the login (Not authorized)" in (client._first_error or "")
+    first = client._first_error
+    with caplog.at_level("INFO", logger="edge.fleet"):
+        client._on_disconnect(None, None, None, ReasonCode(PacketTypes.DISCONNECT, identifier=0x82), None)
+        client._on_connect(None, None, None, refused, None)  # the reconnect, 0.1 s later
+    assert caplog.records == [] and client._first_error == first

@@ -172,6 +172,8 @@ class FleetClient:
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         if rc.is_failure:
+            if self._first_error is not None:
+                return  # refused the first time: connect() is closing this client
             if rc.value in _LOGIN_REFUSED:
                 why = (f"the MQTT broker at {self.where} refused the login ({rc}); check --username and "
                        "--password-file")
@@ -199,6 +201,8 @@ class FleetClient:
         with self._cond:
             self.connected = False
             self._cond.notify_all()
+        if self._first_error is not None:
+            return  # the first connection was refused: connect() says so, once, and closes
         if not self._first.is_set():
             if self._tls is not None:
                 self._first_error = (f"the MQTT broker at {self.where} closed the TLS connection before "
