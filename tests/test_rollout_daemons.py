@@ -84,7 +84,15 @@ class Cli:
         self.lines: list[tuple[float, str]] = []
         self.cond = threading.Condition()
         self.stdout = ""
-        threading.Thread(target=self._read, daemon=True).start()
+        # Each pipe has one reader: communicate() would also read stderr, and take lines from _read.
+        self._readers = [threading.Thread(target=self._read, daemon=True),
+                         threading.Thread(target=self._read_stdout, daemon=True)]
+        for t in self._readers:
+            t.start()
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        self.stdout = self.proc.stdout.read()
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
@@ -100,8 +108,9 @@ class Cli:
         return found
 
     def finish(self, timeout: float) -> int:
-        out, _ = self.proc.communicate(timeout=timeout)
-        self.stdout = out
+        self.proc.wait(timeout)
+        for t in self._readers:
+            t.join(10)
         return self.proc.returncode
 
 
