@@ -69,8 +69,8 @@ def test_eval_hears_spoken_questions(tmp_path: Path, venue_cache: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     paths = [q["path"] for q in report["questions"]]
-    assert paths[0] == "faq" and report["questions"][0]["faq_id"] == "ticket-prices", report["questions"]
-    assert paths[1] == "llm" and report["questions"][1]["first_audio_ms"] > 0
+    assert paths[0] == "faq" and report["questions"][0]["faq_id"] == "ticket-prices", (report["questions"], proc.stderr)
+    assert paths[1] == "llm" and report["questions"][1]["first_audio_ms"] > 0, (report["questions"], proc.stderr)
 
 
 def test_a_bad_question_file_is_one_line_naming_the_file_and_line(tmp_path: Path, venue_cache: Path) -> None:

@@ -430,41 +430,63 @@ class VadOfflineRecognizer(FeedingRecognizer):
 
 
 TALK_OVER_REMOVED_DB = 6.0  # a chunk the canceller took more than this out of was the device's own sound
+TALK_OVER_HOLE_S = 0.5  # the device's voice drowning the visitor's for longer ends their stretch
 
 
 class TalkOver:
     """Hears a visitor talking over the device (``conversation.barge_in = "speech"``): a silero VAD
     on the echo-cancelled microphone while the device thinks or speaks; ``speech_s`` of speech
-    without a break is an interruption. Chunks that were mostly the device's own sound (the
-    canceller removed over TALK_OVER_REMOVED_DB) reach the VAD as silence: what is left of an echo
-    sounds like speech to it, a visitor's voice is not removed."""
+    without a break is an interruption.
+
+    A chunk that was mostly the device's own sound (the canceller took over TALK_OVER_REMOVED_DB
+    out of it, or added as much: its filter still finding the echo) tells nothing of the visitor:
+    what is left of an echo sounds like speech to the VAD, so it never sees such a chunk, and a
+    run of them shorter than TALK_OVER_HOLE_S does not break a stretch either. With the device as
+    loud as the visitor, its voice drowns their quieter syllables for 0.1-0.3 s at a time; fed to
+    the VAD as silence, those holes cut every stretch short and kept it from starting at all.
+    A stretch is timed as heard: holes within it count, but the VAD's look-back over the start
+    is taken at its shortest (as if it spanned no hole)."""
 
     def __init__(self, cfg: SttConfig, vad_path: Path, speech_s: float) -> None:
         self._vad = build_vad(cfg, vad_path, 30.0, silence_s=0.2)
         self._need = int(speech_s * SAMPLE_RATE)
+        self._max_hole = int(TALK_OVER_HOLE_S * SAMPLE_RATE)
         self._active = False
+        self._restart()
+
+    def _restart(self) -> None:
+        self._vad.reset()
+        self._fed = 0  # samples the VAD has seen since its reset
+        self._hole = 0  # samples of the device's own sound since it last saw one
+        self._start: int | None = None  # audio position where the stretch it hears began
         self._fired = False
 
     def hear(self, chunk: AudioChunk, device_talking: bool, removed_db: float = 0.0) -> float | None:
         """Feed a chunk (``removed_db``: how much echo was taken out of it); the audio time the
         visitor's speech began, once it has lasted long enough."""
         if not device_talking:
-            if self._active:
-                self._vad.reset()
-                self._active = self._fired = False
+            self._active = False
             return None
         if not self._active:
-            self._vad.reset()
-            self._active, self._fired, self._base = True, False, chunk.start
-        x = chunk.float32()
-        self._vad.accept_waveform(np.zeros_like(x) if removed_db > TALK_OVER_REMOVED_DB else x)
+            self._active = True
+            self._restart()
+        if abs(removed_db) > TALK_OVER_REMOVED_DB:
+            self._hole += len(chunk)
+            if self._hole > self._max_hole and self._fed:
+                self._restart()
+            return None
+        self._hole = 0
+        self._vad.accept_waveform(chunk.float32())
+        self._fed += len(chunk)
         while not self._vad.empty():
             self._vad.pop()
-            self._fired = False  # that stretch ended: a new one must last on its own
-        if self._fired or not self._vad.is_speech_detected():
+            self._start, self._fired = None, False  # that stretch ended: a new one must last on its own
+        if not self._vad.is_speech_detected():
+            self._start = None
             return None
-        start = int(self._vad.current_segment.start)
-        if chunk.end - (self._base + start) < self._need:
+        if self._start is None:
+            self._start = chunk.end - (self._fed - int(self._vad.current_segment.start))
+        if self._fired or chunk.end - self._start < self._need:
             return None
         self._fired = True
-        return (self._base + start) / SAMPLE_RATE
+        return self._start / SAMPLE_RATE

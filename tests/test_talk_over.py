@@ -1,0 +1,84 @@
+"""Talking over the device: the silero VAD behind ``conversation.barge_in = "speech"``, fed the
+echo-cancelled microphone chunk by chunk with how much echo the canceller took out of each.
+
+The chunks are the Piper voice; which of them were drowned by the device's own voice is set by
+hand (the real canceller in a synthetic room is ``test_echo.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from voice import conversation
+
+from edge.audio.chunk import CHUNK_SAMPLES, SAMPLE_RATE, AudioChunk
+from edge.config import SttConfig
+from edge.stt.vad import TALK_OVER_REMOVED_DB, TalkOver
+
+DROWNED = TALK_OVER_REMOVED_DB + 6  # the canceller took this much out: the device's own sound
+CLEAR = 1.0  # ...and this little: a visitor's voice, which it leaves alone
+VISITOR = "Sorry, where are the toilets in this building?"  # about 2 s of speech
+
+
+def _chunks(samples: np.ndarray) -> list[AudioChunk]:
+    n = len(samples) // CHUNK_SAMPLES
+    return [AudioChunk(samples[i * CHUNK_SAMPLES:(i + 1) * CHUNK_SAMPLES], i * CHUNK_SAMPLES, SAMPLE_RATE)
+            for i in range(n)]
+
+
+def _hear(talk: TalkOver, chunks: list[AudioChunk], removed: Callable[[int], float]) -> list[tuple[float, float]]:
+    """(when it fired, where it says the speech began), in seconds, for every interruption, as
+    the device says one more reply."""
+    talk.hear(chunks[0], False)
+    fired = []
+    for i, c in enumerate(chunks):
+        since = talk.hear(c, True, removed(i))
+        if since is not None:
+            fired.append((c.end / SAMPLE_RATE, since))
+    return fired
+
+
+@pytest.fixture
+def talk_over(silero_vad_path: Path) -> TalkOver:
+    return TalkOver(SttConfig(), silero_vad_path, 1.2)
+
+
+def test_a_visitor_is_heard_through_the_gaps_the_device_s_voice_leaves(talk_over: TalkOver) -> None:
+    """The device as loud as the visitor drowns 0.2 s of every 0.5 s of them: still one stretch
+    (fed to the VAD as silence, each gap ended it)."""
+    chunks = _chunks(conversation(0.5, VISITOR, 0.5))
+    per_half_s = int(0.5 * SAMPLE_RATE) // CHUNK_SAMPLES
+    fired = _hear(talk_over, chunks, lambda i: DROWNED if i % per_half_s >= per_half_s - 10 else CLEAR)
+    assert len(fired) == 1, fired
+    at, since = fired[0]
+    # The speech begins at 0.5 s; 1.2 s of it, as heard (the gaps count), interrupts.
+    assert 0.3 <= since <= 0.9 and at - since >= 1.2 and at <= 2.3, fired
+
+
+def test_the_device_s_own_voice_does_not_interrupt_it(talk_over: TalkOver) -> None:
+    """Speech the canceller took most of (or added itself: its filter still finding the echo) is
+    the device's, however much of it there is."""
+    chunks = _chunks(conversation(0.5, VISITOR, 0.5, VISITOR, 0.5))
+    assert _hear(talk_over, chunks, lambda i: DROWNED) == []
+    assert _hear(talk_over, chunks, lambda i: -DROWNED) == []
+
+
+def test_a_long_drowned_stretch_breaks_the_visitor_s_speech(talk_over: TalkOver) -> None:
+    """The device drowning the visitor for 0.8 s splits their speech into two stretches, each
+    shorter than 1.2 s; for 0.3 s it does not."""
+    chunks = _chunks(conversation(0.5, VISITOR, 0.5))
+
+    def drowned_for(seconds: float) -> Callable[[int], float]:
+        start, end = int(1.0 * SAMPLE_RATE) // CHUNK_SAMPLES, int((1.0 + seconds) * SAMPLE_RATE) // CHUNK_SAMPLES
+        return lambda i: DROWNED if start <= i < end else CLEAR
+
+    assert _hear(talk_over, chunks, drowned_for(0.8)) == []
+    assert len(_hear(talk_over, chunks, drowned_for(0.3))) == 1
+
+
+def test_it_listens_only_while_the_device_talks(talk_over: TalkOver) -> None:
+    chunks = _chunks(conversation(0.5, VISITOR, 0.5))
+    assert [talk_over.hear(c, False, CLEAR) for c in chunks] == [None] * len(chunks)
+    assert len(_hear(talk_over, chunks, lambda i: CLEAR)) == 1  # the same speech, over the device
