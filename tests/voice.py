@@ -3,7 +3,7 @@
 ``piper(text)`` speaks with the installed dev-profile Piper voice (16 kHz int16), the voice the
 openWakeWord models recognise most reliably; ``espeak`` voices come from ``speech.say``.
 ``Ears`` transcribes audio with the dev Whisper model, to check that replies are intelligible.
-Syntheses are cached per process.
+Syntheses are cached per process, and the same in every run (the voice's noise is off).
 """
 
 from __future__ import annotations
@@ -19,11 +19,26 @@ from edge.signals import CancelScope
 
 @functools.lru_cache(maxsize=1)
 def _synth():
+    """The voice without its sampled noise: a VITS voice draws random noise for every sentence
+    (its length and sound differ from run to run, and now and then Whisper mishears a word), so a
+    test would hear different speech each run. With both noise scales at 0 a text always sounds
+    the same."""
+    import sherpa_onnx
+
     from edge.config import TtsConfig
     from edge.models.registry import ModelRegistry
     from edge.tts import make_synthesizer
 
-    return make_synthesizer(TtsConfig(), ModelRegistry().resolve("piper-en-us-joe-medium").files)
+    vits = sherpa_onnx.OfflineTtsVitsModelConfig
+
+    def without_noise(**kw: object) -> object:
+        return vits(**{**kw, "noise_scale": 0.0, "noise_scale_w": 0.0})
+
+    sherpa_onnx.OfflineTtsVitsModelConfig = without_noise
+    try:
+        return make_synthesizer(TtsConfig(), ModelRegistry().resolve("piper-en-us-joe-medium").files)
+    finally:
+        sherpa_onnx.OfflineTtsVitsModelConfig = vits
 
 
 @functools.lru_cache(maxsize=64)
