@@ -622,3 +622,35 @@ def test_a_visitor_who_goes_on_after_an_faq_pause_gets_the_llm_with_the_venues_p
     end = next(e for e in events if e.type.value == "turn.end")
     assert end.data["path"] == "llm" and end.data["speculative"] is False
     assert 77 not in set(np.unique(speaker.audio())), "the dropped FAQ answer was heard"
+
+
+class SlowViewChat(FakeChat):
+    """The LLM's end-of-turn view on a busy CPU: it evaluates until it is told to stop (at most 10 s)."""
+
+    def __init__(self) -> None:
+        super().__init__(delay=0.0)
+        self.views = 0
+        self.view_stopped = threading.Event()
+
+    def end_of_turn_probability(self, history, user_text, *, cancel=None, system=None):
+        self.views += 1
+        if cancel is not None and cancel.wait(10.0):
+            self.view_stopped.set()
+            return None
+        return 0.9
+
+
+def test_a_confirmed_faq_answer_does_not_wait_for_the_llm_s_view() -> None:
+    """The FAQ answer started at the pause waits (on the LLM worker) behind the LLM's view of the
+    pause; once the final transcript confirms it, the view is stopped and the answer plays."""
+    rec = SayingRecognizer("When do you open?", "When do you open?")
+    chat, venue = SlowViewChat(), FakeVenue()
+    conv, clock, events, speaker = make(chat=chat, recognizer=rec)
+    conv.venue = venue
+    run(conv, clock, audio((WAKE, 0.3), (SILENCE, 0.1), (SPEECH, 0.6), (SILENCE, 0.6)))
+    assert chat.views == 1 and chat.view_stopped.is_set(), "the view was not stopped at the final transcript"
+    assert chat.calls == []
+    end = next(e for e in events if e.type.value == "turn.end")
+    assert end.data["outcome"] == "done" and end.data["path"] == "faq" and end.data["speculative"] is True
+    assert set(np.unique(speaker.audio())) == {77}
+

@@ -524,6 +524,11 @@ class Conversation:
         if reply is not None and same:
             _LOGGER.debug("the speculative reply answers the final transcript: keeping it")
             reply.hold.confirm()
+            if reply.faq is not None:
+                # The visitor has finished: a ready answer need not wait for the LLM's view (on a
+                # busy CPU its prefill of the question can take seconds). An LLM reply lets it
+                # run: its prompt is what the view was evaluating.
+                reply.view_scope.cancel("the turn ended")
             if turn.answered is reply:
                 self._publish_answer(turn, reply)
         else:

@@ -102,7 +102,7 @@ class Responder:
         p = None
         if reply.chat is not None:
             try:
-                p = reply.chat.end_of_turn_probability(list(reply.history), reply.question, cancel=reply.scope,
+                p = reply.chat.end_of_turn_probability(list(reply.history), reply.question, cancel=reply.view_scope,
                                                        system=reply.system)
             except Exception:  # no view: the fixed silence decides
                 _LOGGER.warning("the LLM's end-of-turn view failed", exc_info=True)

@@ -81,12 +81,14 @@ class Reply:
     system: str | None = None  # the LLM's system prompt for this question; None: the warmed one
     view: bool = False  # read the LLM's view on whether the visitor has finished, before answering
     hold: Hold = field(init=False)
+    view_scope: CancelScope = field(init=False)  # owner → LLM worker: the view is no longer wanted
     first_audio: Flag = field(default_factory=Flag)  # speech worker → LLM worker: the first clause sounds
     generated: Flag = field(default_factory=Flag)  # LLM worker → speech worker: no more clauses to wait for
     id: int = field(default_factory=lambda: next(_REPLY_IDS))
 
     def __post_init__(self) -> None:
         self.hold = Hold(held=self.speculative)
+        self.view_scope = self.scope.child()
 
     @property
     def path(self) -> str:
