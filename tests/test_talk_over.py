@@ -65,6 +65,16 @@ def test_the_device_s_own_voice_does_not_interrupt_it(talk_over: TalkOver) -> No
     assert _hear(talk_over, chunks, lambda i: -DROWNED) == []
 
 
+def test_speech_heard_only_in_snatches_is_the_device_s(talk_over: TalkOver) -> None:
+    """Speech-like sound caught one chunk in four, between chunks of the device's own voice, is
+    what the canceller left of that voice (a visitor's voice is not drowned three quarters of
+    the time)."""
+    chunks = _chunks(conversation(0.5, VISITOR, 0.5, VISITOR, 0.5))
+    assert _hear(talk_over, chunks, lambda i: CLEAR if i % 4 == 0 else DROWNED) == []
+    # ...while one chunk in three drowned leaves most of a voice heard: the visitor's.
+    assert len(_hear(talk_over, chunks, lambda i: DROWNED if i % 3 == 0 else CLEAR)) >= 1
+
+
 def test_a_long_drowned_stretch_breaks_the_visitor_s_speech(talk_over: TalkOver) -> None:
     """The device drowning the visitor for 0.8 s splits their speech into two stretches, each
     shorter than 1.2 s; for 0.3 s it does not."""
@@ -78,7 +88,12 @@ def test_a_long_drowned_stretch_breaks_the_visitor_s_speech(talk_over: TalkOver)
     assert len(_hear(talk_over, chunks, drowned_for(0.3))) == 1
 
 
-def test_it_listens_only_while_the_device_talks(talk_over: TalkOver) -> None:
+def test_it_listens_only_while_the_device_talks(silero_vad_path: Path) -> None:
+    """A stretch is speech over one reply: the device falling quiet in the middle of the visitor's
+    2 s (a reply ended, the next began) starts it afresh, and neither half lasts 1.5 s."""
+    talk_over = TalkOver(SttConfig(), silero_vad_path, 1.5)
     chunks = _chunks(conversation(0.5, VISITOR, 0.5))
-    assert [talk_over.hear(c, False, CLEAR) for c in chunks] == [None] * len(chunks)
-    assert len(_hear(talk_over, chunks, lambda i: CLEAR)) == 1  # the same speech, over the device
+    half = int(1.5 * SAMPLE_RATE) // CHUNK_SAMPLES
+    fired = [talk_over.hear(c, not half <= i < half + 5, CLEAR) for i, c in enumerate(chunks)]
+    assert fired == [None] * len(chunks)
+    assert len(_hear(talk_over, chunks, lambda i: CLEAR)) == 1  # the same speech over one reply

@@ -491,8 +491,8 @@ class LlamaChatModel:
 
     def end_of_turn_probability(self, history: list[Message], user_text: str, *, cancel: Flag | None = None,
                                 system: str | None = None) -> float | None:
-        if not self._turn_end_ids:
-            return None
+        if not self._turn_end_ids or (cancel is not None and cancel.is_set()):
+            return None  # (a view no longer wanted must not trim the cache back to the visitor's words)
         tokens = self._words_tokens(history, user_text, system)
         if not tokens:
             return None

@@ -431,6 +431,7 @@ class VadOfflineRecognizer(FeedingRecognizer):
 
 TALK_OVER_REMOVED_DB = 6.0  # a chunk the canceller took more than this out of was the device's own sound
 TALK_OVER_HOLE_S = 0.5  # the device's voice drowning the visitor's for longer ends their stretch
+TALK_OVER_HEARD = 0.5  # at least this share of a stretch must have reached the VAD
 
 
 class TalkOver:
@@ -445,7 +446,9 @@ class TalkOver:
     loud as the visitor, its voice drowns their quieter syllables for 0.1-0.3 s at a time; fed to
     the VAD as silence, those holes cut every stretch short and kept it from starting at all.
     A stretch is timed as heard: holes within it count, but the VAD's look-back over the start
-    is taken at its shortest (as if it spanned no hole)."""
+    is taken at its shortest (as if it spanned no hole), and at least TALK_OVER_HEARD of it must
+    have been heard: speech caught only in snatches between the device's words is what the
+    canceller left of the device's own voice."""
 
     def __init__(self, cfg: SttConfig, vad_path: Path, speech_s: float) -> None:
         self._vad = build_vad(cfg, vad_path, 30.0, silence_s=0.2)
@@ -484,9 +487,10 @@ class TalkOver:
         if not self._vad.is_speech_detected():
             self._start = None
             return None
+        heard = self._fed - int(self._vad.current_segment.start)  # samples of it the VAD saw
         if self._start is None:
-            self._start = chunk.end - (self._fed - int(self._vad.current_segment.start))
-        if self._fired or chunk.end - self._start < self._need:
+            self._start = chunk.end - heard
+        if self._fired or chunk.end - self._start < self._need or heard < TALK_OVER_HEARD * (chunk.end - self._start):
             return None
         self._fired = True
         return self._start / SAMPLE_RATE
