@@ -347,7 +347,8 @@ def test_a_spoken_question_and_its_reply_appear_on_the_page(fleet: Fleet) -> Non
     # A command to the real daemon: mute shows in its status (the tile says so), unmute undoes it.
     b.click('#d-actions button[data-command="mute"]')
     b.wait_for("document.querySelector('#d-answer').dataset.command === 'mute' && "
-               "document.querySelector('#d-answer').dataset.outcome === 'answered'", 15)
+               "document.querySelector('#d-answer').dataset.outcome === 'answered' && "
+               "document.querySelector('#d-answer-json').textContent !== ''", 15)  # (the JSON is filled last)
     assert json.loads(b.text("#d-answer-json"))["muted"] is True
     b.wait_for(f"{_tile(DEVICE)}.querySelector('.conn').textContent.includes('muted')", 10)
     f.shot("06-daemon-muted")
