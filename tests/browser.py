@@ -129,10 +129,24 @@ class Browser:
     def text(self, selector: str = "body") -> str:
         return str(self.js("const e = document.querySelector(arguments[0]); return e ? e.innerText : ''", selector))
 
-    def click(self, selector: str) -> None:
+    def click(self, selector: str, timeout: float = 5.0) -> None:
+        """Click ``selector`` as a person would: where it is once the live page holds still. A
+        page that is still rendering may move the element between the scroll and the click (the
+        click then lands on what took its place); that click is tried again, up to ``timeout``."""
+        from selenium.common.exceptions import ElementClickInterceptedException
         from selenium.webdriver.common.by import By
 
-        self.driver.find_element(By.CSS_SELECTOR, selector).click()
+        deadline = time.monotonic() + timeout
+        while True:
+            element = self.driver.find_element(By.CSS_SELECTOR, selector)
+            self.js("arguments[0].scrollIntoView({block: 'center'})", element)
+            try:
+                element.click()
+                return
+            except ElementClickInterceptedException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def type(self, selector: str, text: str, *, clear: bool = True) -> None:
         from selenium.webdriver.common.by import By

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,15 @@ class _Reader:
                 return
             self.data += block
 
+    def samples(self, nonzero: int, timeout: float) -> np.ndarray:
+        """What was read, once at least ``nonzero`` non-zero samples were (or ``timeout`` passed)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = np.frombuffer(bytes(self.data[: len(self.data) // 2 * 2]), dtype="<i2")
+            if np.count_nonzero(got) >= nonzero or time.monotonic() > deadline:
+                return got
+            time.sleep(0.05)
+
     def close(self) -> None:
         self._f.close()
 
@@ -111,7 +121,7 @@ def test_the_feeder_writes_its_segments_and_waits_out_a_dead_reader(tmp_path):
         audio = _audio(2.0) | 1  # never zero: told apart from the silence written between segments
         seg = feeder.play(audio, fast=True)
         assert seg.wait(30) and not seg.cut and seg.started is not None and seg.ended is not None
-        got = np.frombuffer(bytes(reader.data[: len(reader.data) // 2 * 2]), dtype="<i2")
+        got = reader.samples(len(audio), timeout=10)  # the last writes may still be in the pipe
         assert np.array_equal(got[got != 0][: len(audio)], audio)
         reader.close()  # the daemon was killed
         cut = feeder.play(_audio(5.0))
