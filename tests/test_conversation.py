@@ -654,3 +654,47 @@ def test_a_confirmed_faq_answer_does_not_wait_for_the_llm_s_view() -> None:
     assert end.data["outcome"] == "done" and end.data["path"] == "faq" and end.data["speculative"] is True
     assert set(np.unique(speaker.audio())) == {77}
 
+
+
+class EndpointRecognizer(SayingRecognizer):
+    """Ends the turn when the end-of-turn views say the visitor has finished (``set_endpoint(0)``),
+    with ``final`` decoded afresh: here it has caught the wake word's tail."""
+
+    def __init__(self, first: str, final: str) -> None:
+        super().__init__(first, final)
+        self.endpoints: list[float] = []
+
+    def set_endpoint(self, silence_s: float) -> SttUpdate | None:
+        self.endpoints.append(silence_s)
+        if silence_s > 0 or not self.words:
+            return None
+        self.words, self.paused = 0, False
+        return Upd("final", self.final, 0.0, self.speech_end)
+
+
+class ViewChat(FakeChat):
+    def end_of_turn_probability(self, history, user_text, *, cancel=None, system=None):
+        return 0.9  # finished
+
+
+@pytest.mark.parametrize("final", ["Hey Jarvis, when do you open?", "Hey Jarvis."])
+def test_a_final_from_the_end_of_turn_views_drops_the_wake_word_s_tail(final: str) -> None:
+    """However the turn ends, the transcript is the visitor's question without the wake word the
+    recognizer heard the end of ("Hey Jarvis, can I bring my dog?" once reached the fleet and the
+    venue's FAQ); a final that was only the wake word is not a question: listening goes on."""
+    rec = EndpointRecognizer("When do you open?", final)
+    chat, venue = ViewChat(delay=0.0), FakeVenue()
+    conv, clock, events, speaker = make(chat=chat, recognizer=rec)
+    conv.venue = venue
+    run(conv, clock, audio((WAKE, 0.3), (SILENCE, 0.1), (SPEECH, 0.6), (SILENCE, 1.4)), realtime=True)
+    assert 0 in rec.endpoints, "the views did not end the turn"
+    finals = [e.data["text"] for e in events if e.type.value == "transcript.final"]
+    ends = [e.data["outcome"] for e in events if e.type.value == "turn.end"]
+    if final == "Hey Jarvis.":
+        assert finals == [] and ends == ["no_speech"] and rec.started == 2
+        # ... and the no-speech limit (1 s here) counts again from there, not the 15 s utterance limit
+        end = next(e for e in events if e.type.value == "turn.end")
+        assert end.audio_time is not None and end.audio_time < 5.0, end.as_dict()
+    else:
+        assert finals == ["When do you open?"]
+        assert ends == ["done"]

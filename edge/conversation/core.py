@@ -374,11 +374,11 @@ class Conversation:
             del turn.heard[:-keep]
         for upd in self._recognizer.accept(chunk):
             if upd.text and self._wake_phrases:
-                upd = dataclasses.replace(upd, text=self._without_wake_phrase(upd.text))
+                upd = self._without_wake_phrase(upd)
                 if not upd.text and upd.kind == UpdateKind.FINAL:
                     # Only the wake word's own tail (heard over the device's voice, or said twice):
                     # not a question. Keep listening.
-                    self._recognizer.start([])
+                    self._listen_again(turn)
                     continue
                 if not upd.text and upd.kind != UpdateKind.SPEECH_START:
                     continue
@@ -409,19 +409,31 @@ class Conversation:
         too_long = turn.speech_started and now - start > stt.max_utterance_s
         if timed_out or too_long:
             final = self._recognizer.finish()
+            if final is not None:
+                final = self._without_wake_phrase(final)
             if final is not None and final.text.strip():
                 self._on_final(turn, final, chunk)
             else:
                 self._finish_turn(turn, Outcome.NO_SPEECH)
 
-    def _without_wake_phrase(self, text: str) -> str:
-        """``text`` without a leading wake phrase ("Hey Jarvis. Where is..." -> "Where is...")."""
-        words = text.split()
+    def _listen_again(self, turn: Turn) -> None:
+        """What was heard was no question: listen afresh, with the no-speech limit from now."""
+        assert self._recognizer is not None
+        self._recognizer.start([])
+        turn.speech_started = False
+        turn.listen_start = self.clock.now()
+
+    def _without_wake_phrase(self, upd: SttUpdate) -> SttUpdate:
+        """``upd`` without a leading wake phrase in its text ("Hey Jarvis. Where is..." -> "Where
+        is..."): the recognizer heard the wake word's tail. Every final passes through here,
+        whichever way it came (a chunk, the end-of-turn views, a time limit)."""
+        words = upd.text.split()
         key = [w.strip(".,!?;:").lower() for w in words]
         for phrase in self._wake_phrases:
             if key[:len(phrase)] == list(phrase):
-                return " ".join(words[len(phrase):]).lstrip(".,!?;: ")
-        return text
+                rest = " ".join(words[len(phrase):]).lstrip(".,!?;: ")
+                return dataclasses.replace(upd, text=rest[:1].upper() + rest[1:])
+        return upd
 
     def _prefill(self, turn: Turn, text: str) -> None:
         if self._chat is None:
@@ -484,8 +496,14 @@ class Conversation:
             return
         turn.endpoint_s = rule.silence_needed(turn.views)
         final = self._recognizer.set_endpoint(turn.endpoint_s)
-        if final is not None and self._last_chunk is not None:
+        if final is None or self._last_chunk is None:
+            return
+        final = self._without_wake_phrase(final)
+        if final.text.strip():
             self._on_final(turn, final, self._last_chunk)
+        else:  # only the wake word's tail: keep listening, as for a final heard in a chunk
+            self._drop_speculation(turn)
+            self._listen_again(turn)
 
     def _drop_speculation(self, turn: Turn) -> None:
         turn.views, turn.views_awaited, turn.endpoint_s = {}, set(), None
