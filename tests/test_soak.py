@@ -322,3 +322,18 @@ def test_short_soak_of_the_real_daemon_with_broker_restarts_and_a_kill(tmp_path)
     assert r["latency"]["all"]["n"] >= t["answered"]
     assert "PASS" in proc.stdout.splitlines()[-1]
     print(proc.stdout[-4000:])  # the figures, for `pytest -rP`
+
+
+def test_the_arena_measurement_prints_memory_after_each_call(capsys):
+    """`python -m edge.devtools.arena`: what the README's memory steps were measured with."""
+    from edge.devtools.arena import anon_mb, main
+
+    assert anon_mb() > 0
+    assert main(["--stt", "2", "--tts", "2", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("stt", "tts"):
+        line = next(x for x in out.splitlines() if x.startswith(f"{stage}: "))
+        assert "MB before" in line and "at the end" in line, out
+    assert main(["--stt", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--stt" in err
