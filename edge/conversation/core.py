@@ -417,8 +417,10 @@ class Conversation:
                 self._finish_turn(turn, Outcome.NO_SPEECH)
 
     def _listen_again(self, turn: Turn) -> None:
-        """What was heard was no question: listen afresh, with the no-speech limit from now."""
+        """What was heard was no question: drop any reply started for it and listen afresh, with
+        the no-speech limit from now."""
         assert self._recognizer is not None
+        self._drop_speculation(turn)
         self._recognizer.start([])
         turn.speech_started = False
         turn.listen_start = self.clock.now()
@@ -502,7 +504,6 @@ class Conversation:
         if final.text.strip():
             self._on_final(turn, final, self._last_chunk)
         else:  # only the wake word's tail: keep listening, as for a final heard in a chunk
-            self._drop_speculation(turn)
             self._listen_again(turn)
 
     def _drop_speculation(self, turn: Turn) -> None:

@@ -15,7 +15,7 @@ longest one. sherpa-onnx creates these sessions and does not expose their arena 
 from __future__ import annotations
 
 import argparse
-import re
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.audio.chunk import SAMPLE_RATE, resample
+from edge.devtools.soak_proc import proc_stats
 
 __all__ = ["anon_mb", "main"]
 
@@ -33,12 +34,8 @@ WORDS = ("the harbour museum is open every day from nine until five and a ticket
 
 def anon_mb() -> float:
     """This process's anonymous resident memory, in MB (0.0 where /proc is not there)."""
-    try:
-        text = Path("/proc/self/status").read_text(encoding="ascii")
-    except OSError:
-        return 0.0
-    found = re.search(r"RssAnon:\s+(\d+)\s+kB", text)
-    return int(found.group(1)) / 1024 if found else 0.0
+    stats = proc_stats(os.getpid())  # the soak's reader of /proc/PID/status
+    return stats[1] / 1024 if stats is not None else 0.0
 
 
 def _series(name: str, lengths: Sequence[float], call: Callable[[float], object], unit: str) -> list[float]:
