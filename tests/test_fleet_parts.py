@@ -4,9 +4,11 @@ the devices table, event rows and the SQLite store."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mqtt_daemon import RecordingController
@@ -215,6 +217,32 @@ def test_event_rows_and_the_sqlite_store_keep_each_event_once(tmp_path: Path) ->
         assert cols == ["message_id", "device_id", "seq", "type", "session_id", "turn_id", "time", "received",
                         "text", "payload"]
         assert con.execute("SELECT COUNT(*) FROM events WHERE text LIKE '%exit%'").fetchone()[0] == 5
+
+
+def _open_together(path: str, barrier: Any, answers: Any) -> None:
+    barrier.wait()
+    try:
+        SqliteStore(Path(path)).close()
+        answers.put("ok")
+    except StoreError as err:
+        answers.put(str(err))
+
+
+def test_recorders_started_together_on_a_new_file_all_open_it(tmp_path: Path) -> None:
+    # Two `fleet record --db same.sqlite3` started at once: switching a new file to WAL answered
+    # "database is locked" at once to one of them (about 1 pair in 10) before the store waited it out.
+    ctx = multiprocessing.get_context("fork")
+    answers = ctx.Queue()
+    for i in range(15):
+        barrier = ctx.Barrier(4)
+        procs = [ctx.Process(target=_open_together, args=(str(tmp_path / f"e{i}.sqlite3"), barrier, answers))
+                 for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+    got = [answers.get(timeout=5) for _ in range(60)]
+    assert [a for a in got if a != "ok"] == []
 
 
 def test_store_targets_and_their_errors(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import sqlite3
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,28 @@ _SQLITE_INSERT = ("INSERT INTO events (message_id, device_id, seq, type, session
                   "text, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (message_id) DO NOTHING")
 
 
+_SQLITE_BUSY_S = 30.0
+
+
+def _sqlite_setup(db: sqlite3.Connection) -> None:
+    """WAL, then the schema. Switching a new file to WAL while another process does the same can
+    answer "database is locked" at once, without SQLite's busy wait (two ``record`` processes
+    started together on one new file): that answer is waited out here, up to the busy timeout."""
+    deadline = time.monotonic() + _SQLITE_BUSY_S
+    pause = 0.01
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SQLITE_SCHEMA)
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) and "busy" not in str(err) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)
+
+
 class SqliteStore:
     """One file, shared safely by several ``record`` processes on one machine (WAL, busy wait)."""
 
@@ -167,10 +190,8 @@ class SqliteStore:
         self.path = path
         self.where = str(path)
         try:
-            db = sqlite3.connect(path, isolation_level=None, timeout=30.0, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SQLITE_SCHEMA)
+            db = sqlite3.connect(path, isolation_level=None, timeout=_SQLITE_BUSY_S, check_same_thread=False)
+            _sqlite_setup(db)
         except sqlite3.DatabaseError as err:
             raise StoreError(f"cannot open the event database {path}: {err}; check that its directory exists "
                              "and is writable (or give a postgresql:// URL to --db)") from None
