@@ -450,6 +450,28 @@ def test_a_prefill_keeps_to_one_thread_and_one_token_while_a_decode_is_expected(
     assert not share.expected  # an expectation lapses by itself
 
 
+def test_an_end_of_turn_view_is_a_prefill_one_thread_one_token_beside_a_decode(
+        smol, monkeypatch: pytest.MonkeyPatch) -> None:
+    smol.forget()
+    smol.warm(smol.cfg.system_prompt)
+    smol._views.clear()
+    seen = _evals(smol, monkeypatch)
+    with smol._cpu.computing("stt"):
+        p = smol.end_of_turn_probability([], "Where is the cafe in this building?")
+    assert p is not None and len(seen) > 3 and {(e.tokens, e.threads) for e in seen} == {(1, (1, 1))}
+    smol.forget()
+    smol.warm(smol.cfg.system_prompt)
+    seen.clear()
+
+    class CancelledAfterTwoTokens:  # the turn moved on while the view was being evaluated
+        def is_set(self) -> bool:
+            return len(seen) >= 2
+
+    with smol._cpu.computing("stt"):
+        assert smol.end_of_turn_probability([], "Where is the shop?", cancel=CancelledAfterTwoTokens()) is None
+    assert len(seen) == 2  # it stopped before its next token
+
+
 def test_a_prefill_runs_beside_a_decode_on_one_thread_and_stops_when_cancelled(
         tiny, share, monkeypatch: pytest.MonkeyPatch) -> None:
     tiny.warm("Be brief.")
