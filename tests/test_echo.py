@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from voice import conversation, wer
+from voice import conversation, wer, words
 
 from edge.audio.wav import write_wav
 from edge.config import Config, load_config
@@ -28,6 +28,9 @@ questions = ["How do I ask you a question?", "How do I talk to you?"]
 answer = """Just say hey Jarvis, and then ask me your question. I can tell you about the exhibitions, \
 the tickets, the cafe and the shop."""
 '''
+
+# The words of the dogs answer (the reply talked over) that are not the visitor's.
+DOGS_ONLY = "Only assistance dogs allowed inside, but welcome cafe café terrace"
 
 
 def _venue(tmp_path: Path) -> Path:
@@ -99,10 +102,16 @@ def test_over_its_own_voice_the_device_hears_the_visitor_and_not_itself(
     # The questions asked over the replies are heard without the replies' words in them (without
     # the canceller: "And then, hey Jarvis, can I bring my dog?").
     assert wer("Can I bring my dog?", finals[2]) <= 0.2, finals
-    # (At equal loudness the device's voice may drown one of the visitor's words in four.)
-    assert wer("Sorry, where are the toilets in this building?", finals[3]) <= 0.25, finals
+    # Talked over at equal loudness for 1.2 s and more, the visitor's first words may be lost under
+    # the device's voice (beside two busy processes, 1 run in 4: "Sorry, word the toilets on this
+    # building."; once in a full run: "It's all right. We're the toilets in this building"): what
+    # counts is that none of the reply's words is taken for the visitor's, and that the question is
+    # answered. (With the reply's words in it the question matches no answer: "Only assistance dogs
+    # are allowed, where are the toilets" does not.)
+    heard = set(words(finals[3]))
+    assert {"toilets", "building"} <= heard and not heard & set(words(DOGS_ONLY)), finals
     faq_ids = [e.get("faq_id") for e in of_type(ev, "reply.final")]
-    assert faq_ids[:3] == ["opening-hours", "how-to-ask", "dogs"], "\n".join(timeline(ev))
+    assert faq_ids[:4] == ["opening-hours", "how-to-ask", "dogs", "toilets"], "\n".join(timeline(ev))
 
 
 def test_echo_option_is_checked() -> None:
