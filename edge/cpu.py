@@ -14,7 +14,8 @@ So the policy is:
   all of them while nothing else computes, one fewer while something does; a prefill (work that
   may be thrown away, done while the visitor speaks) always runs on one thread, beside the
   recognizer's decodes on the other core, in slices of one token while another stage computes or
-  is expected to (so a reply that wants the model waits at most one token). On a slow CPU the
+  is expected to (so a reply that wants the model waits at most one token); so does an
+  end-of-turn view, which is the same work. On a slow CPU the
   decodes of a growing utterance fill much of one core: a prefill that waited for quiet moments
   fell behind, and one on every core slowed the decodes (measured with the bench's timeline: one
   4-token slice on two threads beside a decode took 2.4 s).
